@@ -1,0 +1,116 @@
+"""FP8 (e4m3) W8A8 linear layers with per-tensor static scales, ModelOpt FP8_DEFAULT_CFG semantics.
+
+Scales are dequantisation multipliers: x_fp8 = sat(x / s), x ≈ x_fp8 * s; scale = amax / 448.
+On CUDA the matmul is one `torch._scaled_mm` (tensor-wise scales, fp32 accumulation); elsewhere an
+exact emulation: the same activation quantisation, then an fp32 matmul of the fp8 values (their
+products are exact in fp32) and the same scale/bias epilogue — equal to the GPU result up to
+accumulation order.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+_MIN_SCALE = 1e-12  # an all-zero tensor still gets a usable (non-zero) scale
+
+
+def amax_to_scale(amax: torch.Tensor | float) -> torch.Tensor:
+    """Per-tensor scale (float32 scalar) for a tensor whose max |value| is `amax`."""
+    a = torch.as_tensor(amax, dtype=torch.float32).reshape(())
+    return torch.clamp(a / FP8_MAX, min=_MIN_SCALE)
+
+
+def quantize_tensor(t: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """t / scale, saturated to ±448, cast to float8_e4m3fn (round to nearest even)."""
+    s = torch.as_tensor(scale, dtype=torch.float32, device=t.device)
+    return (t.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def dequantize_tensor(
+    q: torch.Tensor, scale: torch.Tensor | float, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    s = torch.as_tensor(scale, dtype=torch.float32, device=q.device)
+    return (q.float() * s).to(dtype)
+
+
+class FP8Linear(nn.Module):
+    """y = (sat(x / input_scale) @ W_fp8^T) * input_scale * weight_scale + bias, output in x's dtype."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = False, *, device=None, dtype=torch.bfloat16
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device), requires_grad=False
+        )
+        self.weight_scale = nn.Parameter(
+            torch.ones((), dtype=torch.float32, device=device), requires_grad=False
+        )
+        self.input_scale = nn.Parameter(
+            torch.ones((), dtype=torch.float32, device=device), requires_grad=False
+        )
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+            if bias
+            else None
+        )
+
+    @classmethod
+    def from_float(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        input_scale: torch.Tensor | float,
+        weight_scale: torch.Tensor | float | None = None,
+    ) -> FP8Linear:
+        """Quantise a float weight (weight_scale from its amax unless given)."""
+        ws = (
+            amax_to_scale(weight.abs().max().float())
+            if weight_scale is None
+            else torch.as_tensor(weight_scale, dtype=torch.float32)
+        )
+        m = cls(
+            weight.shape[1],
+            weight.shape[0],
+            bias is not None,
+            device=weight.device,
+            dtype=bias.dtype if bias is not None else torch.bfloat16,
+        )
+        m.weight.data = quantize_tensor(weight, ws)
+        m.weight_scale.data = ws.reshape(()).to(weight.device)
+        m.input_scale.data = torch.as_tensor(input_scale, dtype=torch.float32).reshape(()).to(weight.device)
+        if bias is not None:
+            m.bias.data = bias.detach().clone()
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        xq = quantize_tensor(x2, self.input_scale)
+        if x.is_cuda:
+            out_dtype = (
+                x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
+            )
+            bias = self.bias.to(out_dtype) if self.bias is not None and out_dtype != torch.float32 else None
+            y = torch._scaled_mm(
+                xq,
+                self.weight.t(),
+                scale_a=self.input_scale,
+                scale_b=self.weight_scale,
+                bias=bias,
+                out_dtype=out_dtype,
+            )
+            if self.bias is not None and bias is None:  # fp32 output: cuBLASLt takes no bias here
+                y = y + self.bias.float()
+        else:
+            y = (xq.float() @ self.weight.float().t()) * (self.input_scale * self.weight_scale)
+            if self.bias is not None:
+                y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8_e4m3"

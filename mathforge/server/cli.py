@@ -1,0 +1,108 @@
+"""`mathforge serve MODEL_DIR`: the torch backend behind an OpenAI-compatible HTTP API."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a checkpoint over an OpenAI-compatible API (torch backend)",
+        description="Serve a Hugging Face (or ModelOpt FP8) checkpoint with the torch backend: "
+        "/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics.",
+    )
+    p.add_argument(
+        "model_dir", metavar="MODEL_DIR", help="checkpoint directory (config.json, safetensors, tokenizer)"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model name clients send (default: the checkpoint directory's name)",
+    )
+    p.add_argument(
+        "--max-slots", type=int, default=8, help="KV-cache slots = most requests decoded at once (default: 8)"
+    )
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="context length, prompt + output (default: the model's max_position_embeddings)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        default=None,
+        help="weights/activations dtype (default: bfloat16 on CUDA, float32 on CPU)",
+    )
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="device (default: cuda when available, else cpu)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn log level (default: warning)",
+    )
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+    from pathlib import Path
+
+    import torch
+    import uvicorn
+    from transformers import AutoTokenizer
+
+    from mathforge.engine.async_engine import AsyncEngine
+    from mathforge.engine.engine import Engine
+    from mathforge.errors import UserError
+    from mathforge.server.app import create_app
+    from mathforge.serving import exit_with_parent
+
+    exit_with_parent()
+    model_dir = Path(args.model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"{model_dir} is not a checkpoint directory (no config.json)")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but no CUDA device is available")
+    dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    for name, value in (
+        ("--max-slots", args.max_slots),
+        ("--max-model-len", args.max_model_len),
+        ("--port", args.port),
+    ):
+        if value is not None and value < (0 if name == "--port" else 1):
+            raise UserError(f"{name} must be positive, got {value}")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    engine = Engine.from_pretrained(
+        model_dir, max_slots=args.max_slots, max_model_len=args.max_model_len, dtype=dtype, device=device
+    )
+    name = args.served_model_name or model_dir.resolve().name
+    # the server's own tokenizer instance: the engine thread detokenizes with the engine's
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    app = create_app(AsyncEngine(engine), tokenizer, served_model_name=name, model_dir=str(model_dir))
+    print(
+        f"mathforge serve: {name} on http://{args.host}:{args.port}/v1 (device={device}, dtype={dtype}, "
+        f"max_slots={engine.max_slots}, max_model_len={engine.max_model_len})",
+        flush=True,
+    )
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    return 0
