@@ -24,6 +24,8 @@ import yaml
 
 from mathforge.sandbox import SandboxProcess
 
+pytestmark = pytest.mark.integration
+
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "mf-secret-" + uuid.uuid4().hex
 UID_BASE = 300000
@@ -487,5 +489,6 @@ def test_compose_service_is_locked_down():
 def test_server_memory_stayed_bounded(sb):
     """Runs last: after every attack above, the server process grew by less than 64 MiB."""
     rss = psutil.Process(sb.pid).memory_info().rss
+    print(f"sandbox server RSS: {sb.rss_start >> 20} MiB at start, {rss >> 20} MiB after the attacks")
     assert rss - sb.rss_start < 64 << 20, (sb.rss_start >> 20, rss >> 20)
     assert sb.client.get("/health").json()["live_workers"] == 0

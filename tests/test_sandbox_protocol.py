@@ -26,6 +26,8 @@ import pytest
 from mathforge.sandbox import SandboxProcess
 from mathforge.sandbox.server import postprocess_output, truncate
 
+pytestmark = pytest.mark.integration
+
 IPYTHON_PYTHON = os.environ.get("MATHFORGE_TEST_SANDBOX_PYTHON")
 SHELLS = ["builtin"] + (["ipython"] if IPYTHON_PYTHON else [])
 

@@ -34,6 +34,7 @@ import psutil
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from mathforge.errors import UserError
 from mathforge.sandbox import limits
 from mathforge.sandbox.config import SandboxConfig
 
@@ -135,7 +136,7 @@ class WorkerPool:
         if os.geteuid() == 0:
             closed = limits.blocked_ancestor(str(self.base.resolve() / "w"))
             if closed:
-                raise ValueError(
+                raise UserError(
                     f"--workdir {self.base}: {closed} is closed to other users (mode "
                     f"{oct(os.stat(closed).st_mode & 0o777)}); the sandbox uids must be able to "
                     "traverse every parent directory"
@@ -172,8 +173,12 @@ class WorkerPool:
             if errors:
                 self.report.setdefault("warnings", []).extend(f"isolation mode refused: {e}" for e in errors)
             return
-        hint = (" (as root without namespaces the sandbox uids must be able to read the Python installation; "
-                "--isolation none runs code as root, which is not recommended)" if os.geteuid() == 0 else "")
+        hint = (
+            " (as root without namespaces the sandbox uids must be able to read the Python installation; "
+            "--isolation none runs code as root, which is not recommended)"
+            if os.geteuid() == 0
+            else ""
+        )
         raise RuntimeError("no sandbox worker could start: " + "; ".join(errors) + hint)
 
     @property
