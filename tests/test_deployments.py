@@ -16,9 +16,15 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
 
 
-def prefect(api_url: str, *args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def prefect(
+    api_url: str, *args: str, env: dict | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-m", "prefect", *args], capture_output=True, text=True, cwd=REPO, timeout=timeout,
+        [sys.executable, "-m", "prefect", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
         env={**os.environ, "PREFECT_API_URL": api_url, **(env or {})},
     )
     assert proc.returncode == 0, f"prefect {' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -33,8 +39,12 @@ def test_prefect_yaml_declares_cpu_and_gpu_pools():
     for entry in entrypoints:  # every entrypoint names a real flow
         path, func = entry.split(":")
         assert f"def {func}(" in (REPO / path).read_text()
-    assert {"flows/pipeline.py:pipeline", "flows/build_engines.py:build_engines",
-            "flows/benchmark_engines.py:benchmark_engines", "flows/evaluate.py:evaluate"} <= entrypoints
+    assert {
+        "flows/pipeline.py:pipeline",
+        "flows/build_engines.py:build_engines",
+        "flows/benchmark_engines.py:benchmark_engines",
+        "flows/evaluate.py:evaluate",
+    } <= entrypoints
 
 
 def test_deployed_build_runs_on_a_process_worker(prefect_server, tmp_path):
@@ -48,12 +58,27 @@ def test_deployed_build_runs_on_a_process_worker(prefect_server, tmp_path):
 
     out = prefect(prefect_server, "deployment", "run", "build-engines/tiny", "--param", 'variants=["bf16"]')
     assert "Created flow run" in out.stdout
-    prefect(prefect_server, "worker", "start", "--pool", "cpu", "--run-once", "--install-policy", "never",
-            env={"MATHFORGE_HOME": str(home)}, timeout=420)
+    prefect(
+        prefect_server,
+        "worker",
+        "start",
+        "--pool",
+        "cpu",
+        "--run-once",
+        "--install-policy",
+        "never",
+        env={"MATHFORGE_HOME": str(home)},
+        timeout=420,
+    )
 
-    runs = httpx.post(f"{prefect_server}/flow_runs/filter", json={
-        "deployments": {"id": {"any_": [d["id"] for d in deployments if d["entrypoint"].startswith("flows/build")]}},
-    }).json()
+    runs = httpx.post(
+        f"{prefect_server}/flow_runs/filter",
+        json={
+            "deployments": {
+                "id": {"any_": [d["id"] for d in deployments if d["entrypoint"].startswith("flows/build")]}
+            },
+        },
+    ).json()
     assert [r["state_type"] for r in runs] == ["COMPLETED"], json.dumps(runs, indent=1)[:3000]
     built = [json.loads(line) for line in (home / "artifacts" / "events.jsonl").read_text().splitlines()]
     assert sorted(e["kind"] for e in built if e["event"] == "built") == ["checkpoint", "engine"]
