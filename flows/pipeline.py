@@ -1,4 +1,5 @@
-"""The whole pipeline: build the variants (cached artifacts), serve and benchmark each, evaluate, compare."""
+"""The whole pipeline: build the variants (cached artifacts); serve each once to benchmark and evaluate it;
+compare them."""
 
 from __future__ import annotations
 
@@ -8,9 +9,8 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.benchmark_engines import benchmark_engines
 from flows.build_engines import build_engines
-from flows.evaluate import evaluate
+from flows.measure import measure_variants
 from mathforge.config import Variant, load_preset
 from tasks.track import compare, start_tracking
 
@@ -29,14 +29,10 @@ def pipeline(
     engines = build_engines.fn(preset, variants)
     artifact_seconds = time.monotonic() - started
 
-    measured = benchmark_engines(preset, engines, parent_run_id, run_name, compare_variants=False)
-    rows = measured["rows"]
-    if evaluation:
-        runs = {row["variant"]: row["run_id"] for row in rows}
-        accuracy = evaluate(preset, engines=engines, variant_runs=runs, run_name=run_name)
-        for row in rows:
-            row["metrics"].update(accuracy[row["variant"]])
-    url = compare(cfg.experiment, parent_run_id, rows, measured["benches"])
+    rows, benches = measure_variants(
+        cfg, engines, parent_run_id, run_name, evaluation=cfg.evaluate if evaluation else None
+    )
+    url = compare(cfg.experiment, parent_run_id, rows, benches)
     return {
         "engines": {v: ref.model_dump() for v, ref in engines.items()},
         "metrics": {row["variant"]: row["metrics"] for row in rows},

@@ -1,4 +1,4 @@
-"""Benchmark a variant through its OpenAI API, exactly as any other server would be measured."""
+"""Benchmark a served variant through its OpenAI API, exactly as any other server would be measured."""
 
 from __future__ import annotations
 
@@ -7,13 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
-from artifacts import ArtifactRef
-from artifacts.store import default_store
 from mathforge import paths
-from mathforge.config import BenchSettings, EngineSettings
-from mathforge.engine.build import load_engine
-from tasks.serve import serve_variant
+from mathforge.config import BenchSettings
+from mathforge.progress import Progress
+from tasks.serve import Served
 
 
 def bench_prompts(model_dir: Path, settings: BenchSettings) -> list[str]:
@@ -28,16 +27,14 @@ def bench_prompts(model_dir: Path, settings: BenchSettings) -> list[str]:
     return [render_chat(tokenizer, p.problem, tools=False) for p in problems]
 
 
-@task(name="benchmark")
+@task(cache_policy=NO_CACHE, name="benchmark")
 def benchmark(
-    variant: str, engine: ArtifactRef, engine_settings: EngineSettings, settings: BenchSettings, run_name: str
+    served: Served, variant: str, tokenizer_dir: Path, settings: BenchSettings, run_name: str
 ) -> dict[str, Any]:
     from mathforge.bench.run import run_benchmark_sync
 
-    store = default_store()
-    weights = store.resolve(ArtifactRef(**load_engine(store.path(engine))["weights"]))
-    prompts = bench_prompts(store.path(weights), settings)
-    with serve_variant(variant, engine, engine_settings) as served:
+    prompts = bench_prompts(tokenizer_dir, settings)
+    with Progress(f"bench {variant}", settings.num_prompts * len(settings.concurrency)) as progress:
         results = run_benchmark_sync(
             served.base_url,
             served.model,
@@ -46,6 +43,7 @@ def benchmark(
             num_prompts=settings.num_prompts,
             max_tokens=settings.max_tokens,
             warmup=settings.warmup,
+            progress=progress,
         )
     out = paths.runs_dir() / run_name / f"bench-{variant}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from artifacts import ArtifactRef
 from mathforge import tracking
@@ -22,7 +23,7 @@ HEADLINE = (
 )
 
 
-@task(name="start-tracking")
+@task(cache_policy=NO_CACHE, name="start-tracking")
 def start_tracking(experiment: str, preset: str, flow_run_id: str | None) -> str:
     tags = {"preset": preset}
     if flow_run_id:
@@ -30,7 +31,7 @@ def start_tracking(experiment: str, preset: str, flow_run_id: str | None) -> str
     return tracking.start_parent_run(experiment, run_name=f"pipeline-{preset}", tags=tags)
 
 
-@task(name="open-variant-run")
+@task(cache_policy=NO_CACHE, name="open-variant-run")
 def open_variant_run(
     parent_run_id: str, variant: str, engine: ArtifactRef, engine_spec: dict[str, Any]
 ) -> str:
@@ -50,12 +51,12 @@ def open_variant_run(
     return run_id
 
 
-@task(name="log-benchmark")
+@task(cache_policy=NO_CACHE, name="log-benchmark")
 def log_benchmark(run_id: str, bench: dict[str, Any]) -> dict[str, float]:
     return tracking.log_benchmark(run_id, bench["results"], Path(bench["results_file"]))
 
 
-@task(name="compare-variants")
+@task(cache_policy=NO_CACHE, name="compare-variants")
 def compare(
     experiment: str, parent_run_id: str, rows: list[dict[str, Any]], benches: list[dict[str, Any]]
 ) -> str:
