@@ -61,12 +61,36 @@ def git_sha() -> str:
         return "unknown"
 
 
+def environment() -> dict[str, str]:
+    """Hardware and software of this host, recorded with every pipeline run (results mean nothing without)."""
+    import importlib.metadata
+    import platform
+
+    import torch
+
+    env = {
+        "host.python": platform.python_version(),
+        "host.machine": platform.machine(),
+        "host.cpu_count": str(os.cpu_count()),
+        "host.torch": torch.__version__,
+    }
+    for pkg in ("mathforge", "transformers", "prefect", "mlflow"):
+        try:
+            env[f"host.{pkg}"] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    if torch.cuda.is_available():
+        env["host.gpu"] = f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+        env["host.cuda"] = str(torch.version.cuda)
+    return env
+
+
 def start_parent_run(experiment: str, run_name: str, tags: Mapping[str, str]) -> str:
     client = _client()
     run = client.create_run(
         experiment_id(experiment),
         run_name=run_name,
-        tags={"git.sha": git_sha(), "mathforge.role": "pipeline", **tags},
+        tags={"git.sha": git_sha(), "mathforge.role": "pipeline", **environment(), **tags},
     )
     return run.info.run_id
 

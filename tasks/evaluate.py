@@ -12,21 +12,11 @@ from mathforge import paths, tracking
 from mathforge.config import EvaluateSettings
 from mathforge.progress import Progress
 from mathforge.serving import ServerProcess, free_port, mathforge_argv
+from mathforge.solve.evaluate import METRIC_NAMES
 from tasks.serve import Served
 
 # what each variant's MLflow run gets: the same names for every variant
-EVAL_METRICS = (
-    "accuracy",
-    "pass_at_k",
-    "maj_at_k",
-    "mean_tokens",
-    "time_per_problem_s",
-    "code_executions_mean",
-    "code_timeouts",
-    "num_problems",
-    "num_samples",
-    "no_answer",
-)
+EVAL_METRICS = (*METRIC_NAMES, "no_answer")
 
 
 def sandbox_process() -> ServerProcess:

@@ -90,11 +90,13 @@ def test_mathforge_ui_serves_the_local_store(home):
         assert httpx.get(f"http://127.0.0.1:{port}/").status_code == 200  # the UI itself
 
 
-def test_pipeline_tags_carry_the_git_sha(home):
+def test_pipeline_tags_carry_the_git_sha_and_host(home):
     from mathforge import tracking
 
     run = tracking.start_parent_run("exp-b", "p", {})
-    sha = tracking._client().get_run(run).data.tags["git.sha"]
+    tags = tracking._client().get_run(run).data.tags
+    assert tags["host.torch"] and tags["host.cpu_count"] and tags["host.mathforge"]
+    sha = tags["git.sha"]
     expected = subprocess.run(
         ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO
     ).stdout.strip()
