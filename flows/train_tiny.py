@@ -23,20 +23,23 @@ from tasks.train import start_train_run, train_model, training_data
 
 @flow(name="train-tiny")
 def train_tiny(
-    num_train: int = 120_000,
+    num_train: int = 100_000,
     data_seed: int = TRAIN_SEED,
-    steps: int = 3000,
-    batch_size: int = 128,
-    lr: float = 2e-3,
-    seed: int = 0,
-    eval_every: int = 250,
+    steps: int = TrainConfig.steps,
+    batch_size: int = TrainConfig.batch_size,
+    lr: float = TrainConfig.lr,
+    seed: int = TrainConfig.seed,
+    eval_every: int = TrainConfig.eval_every,
     model_overrides: dict[str, Any] | None = None,
-    skeleton: str = str(DEFAULT_SKELETON),
+    skeleton: str | None = None,
     device: str = "auto",
     experiment: str = "mathforge-train-tiny",
     ship_to: str | None = None,
 ) -> dict[str, Any]:
-    """`ship_to`: a directory to copy the trained checkpoint's files into (e.g. mathforge/data/tiny_model)."""
+    """The defaults are the shipped model's recipe. `skeleton`: config + tokenizer to start from (default: the
+    shipped tiny model's). `ship_to`: a directory to copy the trained checkpoint's files into (e.g.
+    mathforge/data/tiny_model)."""
+    skeleton = skeleton or str(DEFAULT_SKELETON)
     cfg = TrainConfig(
         steps=steps,
         batch_size=batch_size,

@@ -39,8 +39,13 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     prefect_env()
     from mathforge.config import load_preset
 
-    load_preset(args.preset)  # fail fast, before any server starts
+    cfg = load_preset(args.preset)  # fail fast, before any server starts
     variants = _variants(args.variants)
+    if args.dry_run:  # the plan only: no GPU, no download, no server
+        from mathforge.plan import build_plan
+
+        print(build_plan(cfg, variants, evaluation=not args.no_evaluate).render())
+        return 0
     from flows.pipeline import pipeline
 
     started = time.monotonic()
@@ -66,15 +71,36 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preset_with_temperature(preset: str, temperature: float) -> str:
+    """A copy of the preset with `evaluate.temperature` replaced (same name, model and artifacts), as a path."""
+    import yaml
+
+    from mathforge.config import preset_path
+    from mathforge.errors import UserError
+
+    if temperature < 0:
+        raise UserError(f"--temperature must be >= 0, got {temperature}")
+    data = yaml.safe_load(preset_path(preset).read_text()) or {}
+    data.setdefault("evaluate", {})["temperature"] = temperature
+    out = paths.home() / "presets" / f"{data.get('name', 'preset')}-temperature-{temperature:g}.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(out)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     prefect_env()
     from mathforge.config import load_preset
 
     load_preset(args.preset)
+    preset = args.preset
+    if args.temperature is not None:
+        preset = _preset_with_temperature(args.preset, args.temperature)
+        load_preset(preset)
     from flows.evaluate import evaluate
 
     results = evaluate(
-        preset=args.preset,
+        preset=preset,
         variants=_variants(args.variants),
         split=args.split,
         samples=args.samples,
@@ -116,6 +142,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="tiny", help="preset name in configs/ or a path to a preset YAML")
     p.add_argument("--variants", help="comma-separated subset of the preset's variants, e.g. bf16,fp8")
     p.add_argument("--no-evaluate", action="store_true", help="skip the accuracy evaluation step")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan: every command in order, with the artifact and recipe key it produces",
+    )
     p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("build", help="build (or reuse) the engine artifacts of a preset, nothing else")
@@ -130,6 +161,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variants")
     p.add_argument("--split", help="problem split (default: the preset's evaluate.split)")
     p.add_argument("--samples", type=int, help="samples per problem (maj@k, pass@k)")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default: the preset's)")
     p.add_argument("--no-tools", action="store_true", help="withhold the code tool: plain text reasoning")
     p.set_defaults(func=cmd_evaluate)
 

@@ -5,11 +5,12 @@ A preset is the one place a user edits to point mathforge at another model, data
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mathforge.errors import UserError
 
@@ -17,8 +18,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PRESETS_DIR = REPO_ROOT / "configs"
 EMBEDDED_MODELS = {"tiny": Path(__file__).resolve().parent / "data" / "tiny_model"}
 
-Variant = Literal["bf16", "fp8"]
-VARIANTS: tuple[str, ...] = ("bf16", "fp8")
+Variant = Literal["bf16", "fp8", "fp8+redrafter"]
+VARIANTS: tuple[str, ...] = ("bf16", "fp8", "fp8+redrafter")
+
+# The TensorRT-LLM release the trtllm backend generates commands for, and NVIDIA's release container that
+# ships it. 1.1.0rc0 is the release the reference recipe (NeMo-Skills AIMO-2 tutorial) built and measured
+# FP8 + ReDrafter with; 1.1.x/1.2.x keep the engine flow, 1.3 removed it (reference trtllm_redrafter.md §0, §8.1).
+TRTLLM_VERSION = "1.1.0rc0"
+TRTLLM_IMAGE_REPO = "nvcr.io/nvidia/tensorrt-llm/release"
+TRTLLM_EXAMPLES_DIR = "/app/tensorrt_llm/examples"  # where the release container installs the examples
 
 
 class _Strict(BaseModel):
@@ -49,12 +57,92 @@ class CalibrationSettings(_Strict):
     max_seq_len: int = Field(512, gt=0)
 
 
+class SpeculativeSettings(_Strict):
+    """trtllm-serve's PyTorch-backend `speculative_config` (ReDrafter has none there: it is the
+    `fp8+redrafter` variant on TensorRT engines)."""
+
+    decoding_type: Literal["Eagle3", "DraftTarget", "NGram"]
+    max_draft_len: int = Field(3, gt=0)
+    speculative_model: str | None = None  # Eagle3 head / draft model (HF id or path); NGram needs none
+    max_matching_ngram_size: int | None = Field(None, gt=0)  # NGram only
+
+    @model_validator(mode="after")
+    def _model_needed(self) -> SpeculativeSettings:
+        if self.decoding_type != "NGram" and not self.speculative_model:
+            raise ValueError(
+                f"decoding_type {self.decoding_type} needs speculative_model (the draft weights)"
+            )
+        if self.decoding_type != "NGram" and self.max_matching_ngram_size is not None:
+            raise ValueError("max_matching_ngram_size applies to decoding_type NGram only")
+        return self
+
+
+class TrtllmSettings(_Strict):
+    """How the trtllm backend builds and serves. Fields marked `exclude` say where things are on a host
+    (or only affect serving): they are left out of every recipe key, so an engine built on one host is the
+    same artifact on another, and changing a serve flag never rebuilds an engine."""
+
+    version: str = TRTLLM_VERSION  # the commands are generated for this release; a host must have it
+    image: str | None = Field(None, exclude=True)  # None: the release container of `version`
+    examples_dir: str = Field(TRTLLM_EXAMPLES_DIR, exclude=True)
+    python: str = Field("python3", exclude=True)  # the interpreter that has tensorrt_llm (runs examples/)
+    runtime: Literal["trt", "pytorch"] = "trt"  # TensorRT engines (trtllm-build) or the PyTorch backend
+    model_type: Literal["qwen", "llama"] | None = None  # examples/models/core/<type>; None: from config.json
+    tp_size: int = Field(1, gt=0)
+    max_batch_size: int = Field(32, gt=0)
+    max_input_len: int = Field(4096, gt=0)
+    max_seq_len: int = Field(8192, gt=0)
+    max_num_tokens: int = Field(8192, gt=0)
+    calib_batch_size: int = Field(4, gt=0)  # quantize.py --batch_size (the recipe's 4)
+    kv_cache_dtype: Literal["fp8"] | None = None  # None: the KV cache stays BF16, as in the recipe
+    speculative: SpeculativeSettings | None = None  # runtime pytorch only
+    kv_cache_free_gpu_memory_fraction: float = Field(0.9, gt=0, le=1, exclude=True)
+    startup_timeout_s: float = Field(1800.0, gt=0, exclude=True)  # loading a 14B engine takes minutes
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrtllmSettings:
+        if self.max_input_len > self.max_seq_len:
+            raise ValueError(f"max_input_len {self.max_input_len} exceeds max_seq_len {self.max_seq_len}")
+        if self.speculative is not None and self.runtime != "pytorch":
+            raise ValueError(
+                "speculative applies to runtime pytorch (trtllm-serve --backend pytorch); on TensorRT engines "
+                "speculative decoding is the fp8+redrafter variant"
+            )
+        return self
+
+    @property
+    def container_image(self) -> str:
+        return self.image or f"{TRTLLM_IMAGE_REPO}:{self.version}"
+
+
 class EngineSettings(_Strict):
-    backend: Literal["torch"] = "torch"
+    backend: Literal["torch", "trtllm"] = "torch"
     device: str = "cpu"
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     max_slots: int = Field(8, gt=0)
     max_model_len: int = Field(2048, gt=0)
+    # None for the torch backend, so trtllm defaults never enter torch engines' recipe keys
+    trtllm: TrtllmSettings | None = None
+
+    @model_validator(mode="after")
+    def _trtllm_defaults(self) -> EngineSettings:
+        if self.backend == "trtllm" and self.trtllm is None:
+            self.trtllm = TrtllmSettings()
+        return self
+
+
+class DrafterSettings(_Strict):
+    """ReDrafter: a small recurrent drafter proposes tokens that the base model verifies in one pass.
+
+    Training it is issue 5's (not built yet); until then `checkpoint` names a trained drafter directory in
+    Apple's layout (config.json + one model.safetensors), e.g. from NeMo-Skills' train_redrafter."""
+
+    checkpoint: str | None = None
+    num_draft_layers: int = Field(2, gt=0)
+    draft_len: int = Field(3, gt=0)  # tokens drafted per step: training's predict_n_tokens, TRT's draft_len
+    num_beams: int = Field(1, gt=0)
+    greedy_search: bool = True
+    rnn: bool = True
 
 
 class BenchSettings(_Strict):
@@ -104,6 +192,7 @@ class Preset(_Strict):
     calibration: CalibrationSettings = CalibrationSettings()
     variants: list[Variant] = Field(default_factory=lambda: ["bf16", "fp8"])
     engine: EngineSettings = EngineSettings()
+    drafter: DrafterSettings = DrafterSettings()
     bench: BenchSettings = BenchSettings()
     evaluate: EvaluateSettings = EvaluateSettings()
     tracking: TrackingSettings = TrackingSettings()
@@ -130,12 +219,33 @@ def preset_path(name_or_path: str) -> Path:
     return candidate
 
 
+# A host-level override that a work pool sets through its job variables (prefect.yaml `gpu-h100`): one
+# deployment runs TP=2 on one host and TP=4 on another. It changes recipe keys exactly as editing the preset
+# would; it applies to trtllm presets only (torch engines have no tensor parallelism).
+TP_SIZE_ENV = "MATHFORGE_TP_SIZE"
+
+
+def _apply_env_overrides(data: dict) -> dict:
+    value = os.environ.get(TP_SIZE_ENV, "").strip()
+    engine = data.get("engine")
+    if not value or not isinstance(engine, dict) or engine.get("backend") != "trtllm":
+        return data
+    trtllm = engine.get("trtllm") or {}
+    if not isinstance(trtllm, dict):
+        raise UserError(f"{TP_SIZE_ENV}: the preset's engine.trtllm is not a mapping")
+    engine["trtllm"] = {**trtllm, "tp_size": value}
+    return data
+
+
 def load_preset(name_or_path: str) -> Preset:
     path = preset_path(name_or_path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"preset {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"preset {path} must be a YAML mapping")
+    data = _apply_env_overrides(data)
     try:
         return Preset.model_validate(data)
     except ValidationError as exc:

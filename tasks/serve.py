@@ -10,7 +10,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,7 +100,7 @@ def serve_variant(variant: str, engine: ArtifactRef, settings: EngineSettings) -
         settings.device,
     )
     with (
-        gpu_slot(1, f"serve {variant}") if settings.device.startswith("cuda") else _nothing(),
+        gpu_slot(1, f"serve {variant}") if settings.device.startswith("cuda") else nullcontext(),
         ServerProcess(
             argv,
             health_url=f"http://127.0.0.1:{port}/health",
@@ -109,11 +109,6 @@ def serve_variant(variant: str, engine: ArtifactRef, settings: EngineSettings) -
         ) as proc,
     ):
         yield Served(base_url=f"http://127.0.0.1:{port}/v1", model=variant, pid=proc.pid, log_file=log_file)
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 @contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,9 @@ def open_variant_run(
     params = {
         "backend": engine_spec["backend"],
         "dtype": "fp8" if engine_spec.get("quantization") == "fp8" else build.get("dtype"),
-        "speculative": "none",
+        "speculative": json.dumps(engine_spec["speculative"], sort_keys=True)
+        if engine_spec.get("speculative")
+        else "none",
         "max_slots": build.get("max_slots"),
         "max_model_len": build.get("max_model_len"),
         "device": build.get("device"),

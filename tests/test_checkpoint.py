@@ -16,6 +16,11 @@ from mathforge.errors import UserError
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
+def _model_file_names(model_dir: Path) -> list[str]:
+    """The shipped model's files without its model card (README.md is not a model file)."""
+    return sorted(p.name for p in model_dir.iterdir() if p.name != "README.md")
+
+
 def _copy_model(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
@@ -73,9 +78,9 @@ def test_materialize_local(tmp_path, tiny_model_dir):
     src = ck.resolve_model_source(str(copy))
     out = tmp_path / "out"
     ck.materialize_checkpoint(src, out)
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in tiny_model_dir.iterdir())
-    for p in tiny_model_dir.iterdir():
-        assert (out / p.name).read_bytes() == p.read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == _model_file_names(tiny_model_dir)
+    for name in _model_file_names(tiny_model_dir):
+        assert (out / name).read_bytes() == (tiny_model_dir / name).read_bytes()
     AutoTokenizer.from_pretrained(out)
     AutoModelForCausalLM.from_pretrained(out)
     # the directory changed after it was resolved: refuse rather than build from the wrong content
@@ -98,7 +103,7 @@ def test_hub_source_offline_from_cache(tmp_path, offline_hf, tiny_model_dir):
     assert ck.resolve_model_source("acme/tiny-qwen", COMMIT).commit == COMMIT
     out = tmp_path / "out"
     ck.materialize_checkpoint(src, out)  # the real snapshot_download, served from the cache
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in tiny_model_dir.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == _model_file_names(tiny_model_dir)
     for p in out.iterdir():
         assert not p.is_symlink()
         assert p.read_bytes() == (tiny_model_dir / p.name).read_bytes()

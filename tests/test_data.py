@@ -80,8 +80,8 @@ def test_tiny_model_config_and_forward(tiny_model_dir):
         assert cfg[key] == value
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert model.dtype == torch.bfloat16
-    assert sum(p.numel() for p in model.parameters()) == 1_050_752
-    assert (tiny_model_dir / "model.safetensors").stat().st_size < 3_000_000
+    assert sum(p.numel() for p in model.parameters()) == 6_824_192
+    assert (tiny_model_dir / "model.safetensors").stat().st_size < 25_000_000
     with torch.no_grad():
         logits = model(torch.tensor([[1, 2, 3]])).logits
     assert logits.shape == (1, 3, 1024)
@@ -89,7 +89,8 @@ def test_tiny_model_config_and_forward(tiny_model_dir):
 
 
 def test_make_tiny_is_deterministic(tmp_path, tiny_model_dir):
-    """Two builds (one in this process, one in a fresh one) are byte-identical to the shipped files (~20 s)."""
+    """Two builds (one in this process, one in a fresh one) are byte-identical; the shipped checkpoint has
+    the same tokenizer and configuration (its weights are trained from that skeleton, not built here)."""
     make_tiny.build(tmp_path / "a")
     subprocess.run(
         [sys.executable, "-m", "mathforge.data.make_tiny", "--out", str(tmp_path / "b")],
@@ -98,7 +99,10 @@ def test_make_tiny_is_deterministic(tmp_path, tiny_model_dir):
         capture_output=True,
     )
     assert make_tiny.compare_dirs(tmp_path / "a", tmp_path / "b") == []
-    assert make_tiny.compare_dirs(tmp_path / "a", tiny_model_dir) == []
+    assert make_tiny.compare_dirs(tmp_path / "a", tiny_model_dir, make_tiny.CONFIG_FILES) == []
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() != (
+        tiny_model_dir / "model.safetensors"
+    ).read_bytes()
 
 
 # ------------------------------------------------------------------------------------------ problems
@@ -115,9 +119,11 @@ def test_tiny_problems_splits_and_answers():
     problems = load_problems("tiny")
     assert all(isinstance(p, Problem) for p in problems)
     cal, test = load_problems("tiny", "calibration"), load_problems("tiny", split="test")
-    assert (len(cal), len(test), len(problems)) == (40, 30, 70)
-    assert not {p.problem for p in cal} & {p.problem for p in test}
-    assert len({p.id for p in problems}) == 70
+    val = load_problems("tiny", "validation")
+    assert (len(cal), len(val), len(test), len(problems)) == (40, 48, 48, 136)
+    assert len({p.problem for p in problems}) == 136  # no split shares a problem
+    assert len({p.id for p in problems}) == 136
+    assert len(problem_gen.FAMILIES) >= 15
     assert len({p.source for p in test}) == len(problem_gen.FAMILIES)  # every family is tested
     for p in problems:
         code = p.reference_solution.split("<tool_call>\n", 1)[1].split("\n</tool_call>", 1)[0]
@@ -130,10 +136,39 @@ def test_tiny_problems_splits_and_answers():
 
 
 def test_shipped_problems_match_the_generator():
+    """Regenerated with the outputs from a real `mathforge sandbox`: byte-identical to the shipped file."""
     assert TINY_PROBLEMS_FILE.read_text(encoding="utf-8") == problem_gen.render_jsonl(
         problem_gen.generate_records()
     )
-    assert problem_gen.generate_records() == problem_gen.generate_records()
+    assert problem_gen.draw_shipped() == problem_gen.draw_shipped()
+
+
+def test_training_records_come_from_the_sandbox_and_avoid_shipped_problems():
+    calls = []
+
+    def fake(programs):
+        calls.append(len(programs))
+        return ["0\n"] * len(programs)
+
+    with pytest.raises(AssertionError, match="in the sandbox"):  # a wrong output is never written down
+        problem_gen.training_records(5, execute=fake)
+    with pytest.raises(ValueError, match="shipped file's seed"):
+        problem_gen.training_records(5, seed=problem_gen.SEED, execute=fake)
+
+    def local(programs):  # the same programs run in-process: what the sandbox prints for them
+        outs = []
+        for code in programs:
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
+                exec(code, {})
+            outs.append(buf.getvalue())
+        return outs
+
+    recs = problem_gen.training_records(60, seed=5, execute=local)
+    assert len({r["problem"] for r in recs}) == 60
+    assert not {r["problem"] for r in recs} & problem_gen.shipped_problem_texts()
+    assert {r["split"] for r in recs} == {"train"}
+    assert len({r["source"] for r in recs}) == len(problem_gen.FAMILIES)
 
 
 def test_load_problems_from_local_files(tmp_path):
@@ -154,7 +189,7 @@ def test_load_problems_errors(tmp_path):
     bad.write_text(json.dumps({"question": "q", "answer": "1"}) + "\n")
     with pytest.raises(UserError, match=r"'problem' / 'expected_answer'.*columns: answer, question"):
         load_problems(bad)
-    with pytest.raises(UserError, match="unknown split 'train'.*splits: calibration, test"):
+    with pytest.raises(UserError, match="unknown split 'train'.*splits: calibration, test, validation"):
         load_problems("tiny", split="train")
     ok = tmp_path / "ok.jsonl"
     ok.write_text(json.dumps({"problem": "q", "expected_answer": "1"}) + "\n")
@@ -304,7 +339,7 @@ def test_calibration_errors(tmp_path, tiny_model_dir):
         calib.build_calibration(
             str(nocol), tiny_model_dir, tmp_path, num_samples=2, seed=0, text_field="body"
         )
-    with pytest.raises(UserError, match="unknown split 'train'.*calibration, test"):
+    with pytest.raises(UserError, match="unknown split 'train'.*calibration, test, validation"):
         calib.build_calibration("tiny", tiny_model_dir, tmp_path, num_samples=2, seed=0, split="train")
     with pytest.raises(UserError, match="revision applies"):
         calib.build_calibration("tiny", tiny_model_dir, tmp_path, num_samples=2, seed=0, revision="main")

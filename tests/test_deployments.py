@@ -31,10 +31,14 @@ def prefect(
     return proc
 
 
+# every pool prefect.yaml deploys to, with its type (deploy --all needs them all to exist)
+POOLS = {"cpu": "process", "gpu": "process", "gpu-h100": "process", "gpu-h100-docker": "docker"}
+
+
 def test_prefect_yaml_declares_cpu_and_gpu_pools():
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     pools = {d["work_pool"]["name"] for d in spec["deployments"]}
-    assert pools == {"cpu", "gpu"}
+    assert pools == set(POOLS)
     entrypoints = {d["entrypoint"] for d in spec["deployments"]}
     for entry in entrypoints:  # every entrypoint names a real flow
         path, func = entry.split(":")
@@ -47,14 +51,43 @@ def test_prefect_yaml_declares_cpu_and_gpu_pools():
     } <= entrypoints
 
 
+def test_h100_pools_carry_gpus_and_tensor_parallel_size():
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    pools = spec["definitions"]["work_pools"]
+    process_env = pools["gpu-h100"]["job_variables"]["env"]
+    gpus = process_env["CUDA_VISIBLE_DEVICES"].split(",")
+    assert len(gpus) == int(process_env["MATHFORGE_TP_SIZE"]) == 2
+    docker = pools["gpu-h100-docker"]["job_variables"]
+    # what prefect-docker hands to docker-py's containers.create(): converted as a Docker engine would get
+    # it (reference prefect_mlflow.md §2.5), no engine needed
+    from docker.models.containers import _create_container_args
+
+    created = _create_container_args(
+        {"image": docker["image"], "version": "1.44", **docker["container_create_kwargs"]}
+    )
+    host = created["host_config"]
+    [request] = host["DeviceRequests"]
+    assert (request["Driver"], request["DeviceIDs"], request["Capabilities"]) == ("nvidia", gpus, [["gpu"]])
+    assert len(request["DeviceIDs"]) == int(docker["env"]["MATHFORGE_TP_SIZE"])
+    assert host["IpcMode"] == "host" and host["ShmSize"] == 16 * 2**30
+    assert {u["Name"] for u in host["Ulimits"]} == {"memlock", "stack"}
+    trt = [d for d in spec["deployments"] if d["work_pool"]["name"].startswith("gpu-h100")]
+    assert {d["parameters"]["preset"] for d in trt} == {"openmath-14b"}
+    assert all(d["pull"][0]["prefect.deployments.steps.set_working_directory"] for d in trt)
+
+
 def test_deployed_build_runs_on_a_process_worker(prefect_server, tmp_path):
     home = tmp_path / "home"
-    for pool in ("cpu", "gpu"):  # as the README says: deploying needs both pools to exist
-        prefect(prefect_server, "work-pool", "create", pool, "--type", "process", "--overwrite")
+    for pool, kind in POOLS.items():  # as the README says: deploying needs every pool to exist
+        prefect(prefect_server, "work-pool", "create", pool, "--type", kind, "--overwrite")
     prefect(prefect_server, "--no-prompt", "deploy", "--all")
     deployments = httpx.post(f"{prefect_server}/deployments/filter", json={}).json()
     names = {(d["name"], d["entrypoint"]) for d in deployments}
     assert ("tiny", "flows/build_engines.py:build_engines") in names
+    assert ("openmath-14b-docker", "flows/pipeline.py:pipeline") in names
+    docker = next(d for d in deployments if d["name"] == "openmath-14b-docker")
+    kwargs = docker["job_variables"]["container_create_kwargs"]
+    assert kwargs["device_requests"][0]["capabilities"] == [["gpu"]]
 
     out = prefect(prefect_server, "deployment", "run", "build-engines/tiny", "--param", 'variants=["bf16"]')
     assert "Created flow run" in out.stdout

@@ -105,7 +105,9 @@ def test_second_build_is_all_cache_hits(home, preset, prefect_server):
     assert objects(home) == before
     log = proc.stdout + proc.stderr
     for task in ("checkpoint", "calibration", "quantize-fp8", "build-engine"):  # what the Prefect UI shows
-        assert re.search(rf"Task run '{task}-\w+' - Finished in state Cached", log), f"{task} not Cached:\n{log[-3000:]}"
+        assert re.search(rf"Task run '{task}-\w+' - Finished in state Cached", log), (
+            f"{task} not Cached:\n{log[-3000:]}"
+        )
     second = built_refs(mathforge(home, prefect_server, "build", "--preset", str(preset)))
     assert first == second
 
@@ -174,10 +176,14 @@ def test_concurrent_builds_build_each_artifact_once(tmp_path, prefect_server):
 
 
 def test_evaluate_cli_prints_one_json_object_last(home, preset, prefect_server):
-    proc = mathforge(home, prefect_server, "evaluate", "--preset", str(preset), "--variants", "bf16", "--no-tools")
+    proc = mathforge(
+        home, prefect_server, "evaluate", "--preset", str(preset), "--variants", "bf16", "--no-tools"
+    )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(result) == {"bf16"}
     metrics = result["bf16"]
-    assert {"accuracy", "maj_at_k", "mean_tokens", "time_per_problem_s", "code_executions_mean"} <= set(metrics)
+    assert {"accuracy", "maj_at_k", "mean_tokens", "time_per_problem_s", "code_executions_mean"} <= set(
+        metrics
+    )
     assert metrics["num_problems"] == 3 and metrics["code_executions_mean"] == 0  # --no-tools: no sandbox
     assert 0 < metrics["mean_tokens"] <= 24

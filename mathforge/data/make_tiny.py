@@ -1,9 +1,11 @@
-"""Build the embedded `tiny` checkpoint: a seeded, randomly initialised Qwen2 in the standard HF layout.
+"""Build the skeleton of the embedded `tiny` checkpoint: tokenizer, config and a seeded random initialisation.
 
 `python -m mathforge.data.make_tiny [--out DIR] [--check]` writes config.json, generation_config.json,
-model.safetensors (bf16), tokenizer.json and tokenizer_config.json into `mathforge/data/tiny_model/`.
-The same code, seed and library versions give byte-identical files (`--check` rebuilds into a temporary
-directory and compares with the shipped one).
+tokenizer.json, tokenizer_config.json and model.safetensors (random bf16 weights, the starting point of
+training) in the standard HF layout. The shipped `mathforge/data/tiny_model/` holds the same four
+configuration files with TRAINED weights (`python -m mathforge.train`, see tiny_model/README.md). The same
+code, seed and library versions give byte-identical configuration files: `--check` rebuilds into a temporary
+directory and compares them (not the weights, not the model card) with the shipped ones.
 
 The tokenizer is a Qwen2-style byte-level BPE (Qwen2's pre-tokenizer regex: digits split one by one,
 NFC normalisation) trained on the project's own math text — the shipped problems, more problems from the
@@ -29,14 +31,16 @@ SEED = 1234
 VOCAB_SIZE = 1024  # learned BPE vocabulary + the 5 added tokens (asserted: the corpus must be rich enough)
 MAX_POSITIONS = 4096
 
-MODEL_SHAPE = {
-    "hidden_size": 128,
-    "intermediate_size": 384,
-    "num_hidden_layers": 4,
+MODEL_SHAPE = {  # ~6.8 M parameters, 13.7 MB in bf16: fast on a CPU, enough for the synthetic families
+    "hidden_size": 256,
+    "intermediate_size": 768,
+    "num_hidden_layers": 8,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "max_position_embeddings": MAX_POSITIONS,
 }
+# what `--check` compares: everything but the weights (trained, not built here) and the model card
+CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 
 ENDOFTEXT, IM_START, IM_END, TOOL_CALL, TOOL_CALL_END = (
     "<|endoftext|>",
@@ -67,13 +71,10 @@ QWEN2_SPLIT_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N
 
 def training_corpus() -> list[str]:
     """The tokenizer's training text: deterministic, built from the project's own problem families."""
-    from mathforge.data.problem_gen import generate_records, sample_texts
+    from mathforge.data.problem_gen import draw_shipped, sample_texts
     from mathforge.data.prompts import chat_messages
 
-    texts: list[str] = []
-    for rec in generate_records():
-        texts.append(rec["problem"])
-        texts.append(rec["reference_solution"])
+    texts: list[str] = [gen.problem for _, _, gen in draw_shipped()]
     for problem, solution in sample_texts(seed=SEED, count=1800):
         for tools in (False, True):
             for msg in chat_messages(problem, tools=tools, response=solution):
@@ -206,8 +207,9 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def build(out_dir: Path) -> Path:
-    """Write the tiny checkpoint into `out_dir` (created; existing model files are replaced)."""
+def build(out_dir: Path, *, weights: bool = True) -> Path:
+    """Write the tiny checkpoint's files into `out_dir` (created; existing ones are replaced); random bf16
+    weights too unless `weights=False` (then only CONFIG_FILES)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -244,7 +246,8 @@ def build(out_dir: Path) -> Path:
     model = Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        shutil.copyfile(Path(tmp) / "model.safetensors", out_dir / "model.safetensors")
+        if weights:
+            shutil.copyfile(Path(tmp) / "model.safetensors", out_dir / "model.safetensors")
         cfg = json.loads((Path(tmp) / "config.json").read_text())
     cfg["architectures"] = ["Qwen2ForCausalLM"]
     cfg["dtype"] = "bfloat16"
@@ -288,9 +291,10 @@ def verify(out_dir: Path) -> dict:
     }
 
 
-def compare_dirs(a: Path, b: Path) -> list[str]:
-    """Names of files that differ (or exist on one side only)."""
-    names = sorted({p.name for p in a.iterdir()} | {p.name for p in b.iterdir()})
+def compare_dirs(a: Path, b: Path, names: tuple[str, ...] | None = None) -> list[str]:
+    """Names of files that differ (or exist on one side only); only `names` when given."""
+    if names is None:
+        names = tuple(sorted({p.name for p in a.iterdir()} | {p.name for p in b.iterdir()}))
     return [
         n
         for n in names
@@ -303,16 +307,20 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m mathforge.data.make_tiny", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--out", type=Path, default=TINY_MODEL_DIR)
-    parser.add_argument("--check", action="store_true", help="rebuild into a temp dir and compare with --out")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="rebuild into a temp dir; compare the configuration files with --out",
+    )
     args = parser.parse_args(argv)
     if args.check:
         with tempfile.TemporaryDirectory() as tmp:
-            build(Path(tmp))
-            diff = compare_dirs(Path(tmp), args.out)
+            build(Path(tmp), weights=False)
+            diff = compare_dirs(Path(tmp), args.out, CONFIG_FILES)
         if diff:
             print(f"{args.out} differs from a fresh build: {', '.join(diff)}", file=sys.stderr)
             return 1
-        print(f"{args.out} matches a fresh build")
+        print(f"{args.out}: {', '.join(CONFIG_FILES)} match a fresh build")
         return 0
     build(args.out)
     info = verify(args.out)

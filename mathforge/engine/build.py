@@ -47,6 +47,10 @@ def weight_bytes(model_dir: Path) -> dict[str, int]:
 def build_torch_engine(
     weights_dir: Path, weights_ref: dict[str, str], variant: str, settings: dict[str, Any], out: Path
 ) -> dict:
+    if variant == "fp8+redrafter":
+        from mathforge.backends.preflight import TORCH_REDRAFTER_UNAVAILABLE
+
+        raise UserError(TORCH_REDRAFTER_UNAVAILABLE)
     config = ModelConfig.from_pretrained(weights_dir)  # validates the architecture
     if settings["max_model_len"] > config.max_position_embeddings:
         raise UserError(
