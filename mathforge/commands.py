@@ -71,36 +71,20 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _preset_with_temperature(preset: str, temperature: float) -> str:
-    """A copy of the preset with `evaluate.temperature` replaced (same name, model and artifacts), as a path."""
-    import yaml
-
-    from mathforge.config import preset_path
-    from mathforge.errors import UserError
-
-    if temperature < 0:
-        raise UserError(f"--temperature must be >= 0, got {temperature}")
-    data = yaml.safe_load(preset_path(preset).read_text()) or {}
-    data.setdefault("evaluate", {})["temperature"] = temperature
-    out = paths.home() / "presets" / f"{data.get('name', 'preset')}-temperature-{temperature:g}.yaml"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(yaml.safe_dump(data, sort_keys=False))
-    return str(out)
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     prefect_env()
     from mathforge.config import load_preset
+    from mathforge.errors import UserError
 
     load_preset(args.preset)
-    preset = args.preset
-    if args.temperature is not None:
-        preset = _preset_with_temperature(args.preset, args.temperature)
-        load_preset(preset)
+    for flag, value in (("--samples", args.samples), ("--temperature", args.temperature)):
+        if value is not None and value < (1 if flag == "--samples" else 0):
+            raise UserError(f"{flag} must be {'>= 1' if flag == '--samples' else '>= 0'}, got {value}")
     from flows.evaluate import evaluate
 
     results = evaluate(
-        preset=preset,
+        preset=args.preset,
+        temperature=args.temperature,
         variants=_variants(args.variants),
         split=args.split,
         samples=args.samples,
