@@ -1,4 +1,4 @@
-"""artifact_task and ArtifactCachePolicy against a real Prefect server (one harness for the module).
+"""artifact_task and ArtifactCachePolicy against a real Prefect server (the session's shared server).
 
 Everything Prefect-related about artifacts lives in this one module to pay for the server start once.
 """
@@ -55,11 +55,12 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ArtifactStore:
 
 
 @pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_api(prefect_server):
+    """The session's real Prefect server (tests/conftest.py), as this process's API."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    with temporary_settings({PREFECT_API_URL: prefect_server}):
+        yield prefect_server
 
 
 # ---------------------------------------------------------------- no server needed
@@ -168,7 +169,7 @@ def _record_path(key: str) -> Path:
     return Path(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value()).expanduser() / key
 
 
-def test_flow_runs_cache_and_rebuild(prefect_server, store: ArtifactStore) -> None:
+def test_flow_runs_cache_and_rebuild(prefect_api, store: ArtifactStore) -> None:
     two_step = _flows()
     salt = uuid.uuid4().hex
 
@@ -202,7 +203,7 @@ def test_flow_runs_cache_and_rebuild(prefect_server, store: ArtifactStore) -> No
     assert fifth["states"] == ["Cached", "Cached"] and len(BUILDS) == 5
 
 
-def test_key_errors_fail_the_task_loudly(prefect_server, store: ArtifactStore, monkeypatch) -> None:
+def test_key_errors_fail_the_task_loudly(prefect_api, store: ArtifactStore, monkeypatch) -> None:
     from prefect import flow
 
     def broken(self, task_ctx, inputs):
