@@ -23,7 +23,7 @@ import logging
 import math
 import time
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,7 +93,9 @@ class Engine:
         kv_block: int = 128,
         prefill_chunk: int = 1024,
         max_prefill_tokens: int = 4096,
+        runner: Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]] | None = None,
     ):
+        """`runner` replaces `model(...)` for every forward (same signature): e.g. a CUDA-graph runner."""
         cfg = model.config
         if max_slots < 1:
             raise UserError(f"max_slots must be at least 1, got {max_slots}")
@@ -121,6 +123,7 @@ class Engine:
         self.buckets = decode_buckets(max_slots)
         self.scratch_slot = max_slots
         model.setup_cache(max_slots + 1, self.max_model_len)
+        self._runner = runner or model
 
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
@@ -403,6 +406,19 @@ class Engine:
     def _kv_len(self, n: int) -> int:
         return min(-(-n // self.kv_block) * self.kv_block, self.max_model_len)
 
+    def _forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        kv_len: int,
+        return_hidden: bool = False,
+        *,
+        logits_at: torch.Tensor | None = None,
+    ):
+        """The one place the engine calls the model (Transformer.forward's contract)."""
+        return self._runner(input_ids, positions, slots, kv_len, return_hidden, logits_at=logits_at)
+
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return to_device(torch.tensor(values, dtype=torch.int64), self.device)
 
@@ -436,7 +452,7 @@ class Engine:
             sb = SamplingBatch.build([r.params if r else None for r in rows], self.vocab_size, self.device)
             self._decode_sb = (key, sb)
         slots_t = self._tensor(slots)
-        logits = self.model(self._tensor(ids).view(B, 1), self._tensor(pos).view(B, 1), slots_t, kv_len)
+        logits = self._forward(self._tensor(ids).view(B, 1), self._tensor(pos).view(B, 1), slots_t, kv_len)
         return self._sample(rows, logits[:, -1, :], slots_t, self._decode_sb[1])[:n]
 
     def _prefill_groups(self, reqs: list[_Request]) -> list[list[_Request]]:
@@ -464,7 +480,7 @@ class Engine:
             ids, C = group[0].prompt_ids, self.prefill_chunk
             for start in range(0, len(ids), C):
                 chunk = ids[start : start + C]
-                logits = self.model(
+                logits = self._forward(
                     self._tensor(chunk).view(1, -1),
                     self._tensor(list(range(start, start + len(chunk)))).view(1, -1),
                     slots_t,
@@ -478,7 +494,7 @@ class Engine:
             ids = [r.prompt_ids + [0] * (T - len(r.prompt_ids)) for r in group]
             flat_ids = [t for row in ids for t in row]
             pos = list(range(T)) * len(group)
-            logits = self.model(
+            logits = self._forward(
                 self._tensor(flat_ids).view(len(group), T),
                 self._tensor(pos).view(len(group), T),
                 slots_t,

@@ -1,0 +1,1 @@
+"""ReDrafter (Apple's recurrent drafter): the model, its training and its on-disk layout."""
