@@ -33,8 +33,10 @@ install-dev: $(VENV)/.installed-dev
 run: install
 	$(BIN)/mathforge pipeline --preset $(PRESET)
 
+# two workers: most integration time is servers starting up, which overlaps well on 2 cores
+TEST_WORKERS ?= 2
 test: install-dev
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: install-dev
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
