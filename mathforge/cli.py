@@ -18,8 +18,10 @@ COMMAND_MODULES = [
     "artifacts.cli",
     "mathforge.server.cli",
     "mathforge.bench.cli",
+    "mathforge.bench.engine_speed",
     "mathforge.sandbox.cli",
     "mathforge.solve.cli",
+    "mathforge.drafter.cli",
 ]
 
 

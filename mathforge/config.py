@@ -18,8 +18,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PRESETS_DIR = REPO_ROOT / "configs"
 EMBEDDED_MODELS = {"tiny": Path(__file__).resolve().parent / "data" / "tiny_model"}
 
-Variant = Literal["bf16", "fp8", "fp8+redrafter"]
-VARIANTS: tuple[str, ...] = ("bf16", "fp8", "fp8+redrafter")
+# `<weights>+redrafter`: those weights decoding speculatively with the preset's ReDrafter drafter
+Variant = Literal["bf16", "fp8", "int8_wo", "bf16+redrafter", "fp8+redrafter"]
+VARIANTS: tuple[str, ...] = ("bf16", "fp8", "int8_wo", "bf16+redrafter", "fp8+redrafter")
 
 # The TensorRT-LLM release the trtllm backend generates commands for, and NVIDIA's release container that
 # ships it. 1.1.0rc0 is the release the reference recipe (NeMo-Skills AIMO-2 tutorial) built and measured
@@ -134,15 +135,48 @@ class EngineSettings(_Strict):
 class DrafterSettings(_Strict):
     """ReDrafter: a small recurrent drafter proposes tokens that the base model verifies in one pass.
 
-    Training it is issue 5's (not built yet); until then `checkpoint` names a trained drafter directory in
-    Apple's layout (config.json + one model.safetensors), e.g. from NeMo-Skills' train_redrafter."""
+    The pipeline trains it (mathforge/drafter/train.py, Apple's recipe as NeMo-Skills' train_redrafter runs
+    it): the base frozen, `draft_len` heads, on a dataset of problems + solutions (`data_mode: solutions`) or
+    on the base's own greedy generations for the problems (`generations`). `checkpoint` instead names a
+    drafter trained elsewhere (Apple's layout: config.json + one model.safetensors), which the trtllm path
+    imports as is.
 
-    checkpoint: str | None = None
-    num_draft_layers: int = Field(2, gt=0)
+    Fields marked `exclude` say where things are or only matter when decoding: they stay out of the trained
+    drafter's recipe key (changing num_beams never retrains it); whatever decodes reads them explicitly.
+    """
+
+    checkpoint: str | None = Field(None, exclude=True)  # a pre-trained drafter directory: no training
+    num_draft_layers: int = Field(2, gt=0)  # ResBlocks in the drafter's head
     draft_len: int = Field(3, gt=0)  # tokens drafted per step: training's predict_n_tokens, TRT's draft_len
-    num_beams: int = Field(1, gt=0)
-    greedy_search: bool = True
+    num_beams: int = Field(1, gt=0, exclude=True)
+    greedy_search: bool = Field(True, exclude=True)
     rnn: bool = True
+
+    # training data (mathforge/drafter/data.py)
+    data_mode: Literal["solutions", "generations"] = "solutions"
+    data_source: str = "tiny"  # `tiny` (the synthetic generator), a HF dataset id, or a local .jsonl/.parquet
+    data_split: str | None = None  # a HF split (`tir`), or a local file's `split` column; not for tiny
+    data_revision: str | None = None  # HF datasets only: branch, tag or commit (resolved to a commit sha)
+    data_nrows: int | None = Field(None, gt=0)  # the first N rows (tiny: N generated problems, default 2000)
+    prompt: Literal["tir", "math", "raw"] = "tir"  # user turn: openmath/tir, generic/math, or the problem
+    system: str | None = None  # a system turn (NeMo-Skills' train_redrafter sends ""); None: no system turn
+    generation_max_tokens: int = Field(1024, gt=0)  # data_mode generations: the base's budget per problem
+    # held-out evaluation (the same metric names, plus the simulated acceptance length)
+    eval_source: str = "tiny"  # `tiny` (the shipped problems) or a local .jsonl/.parquet
+    eval_split: str | None = "test"
+    eval_nrows: int | None = Field(None, gt=0)
+
+    # training hyper-parameters (Apple's recipe: AdamW, linear warm-up, cosine decay)
+    epochs: float = Field(1.0, gt=0)
+    steps: int | None = Field(None, gt=0)  # overrides epochs
+    batch_size: int = Field(8, gt=0)  # sequences per optimizer step
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_seq_len: int = Field(2048, gt=1)  # longer rows are truncated (model_max_length)
+    seed: int = 0
+    top_k: int = Field(5, gt=0)  # metrics redrafter{i}_top1..top_k
+    device: str | None = Field(None, exclude=True)  # None: cuda when available, else cpu
 
 
 class BenchSettings(_Strict):

@@ -26,7 +26,12 @@ from typing import Any
 
 from artifacts.keys import ArtifactRef, recipe_key, split_arguments
 from artifacts.store import ArtifactStore
-from mathforge.backends.preflight import DRAFTER_UNAVAILABLE, REDRAFTER, TORCH_REDRAFTER_UNAVAILABLE
+from mathforge.backends.preflight import (
+    REDRAFTER,
+    TRTLLM_BF16_REDRAFTER,
+    is_speculative,
+    weights_of,
+)
 from mathforge.config import VARIANTS, Preset
 from mathforge.errors import UserError
 
@@ -143,17 +148,24 @@ class Resolver:
 
     model: Callable[[Preset], Any]
     calibration: Callable[[Preset], Any]
-    drafter: Callable[[str], Any]
+    drafter: Callable[[str], Any]  # drafter.checkpoint -> its SourceSpec
+    drafter_data: Callable[[Preset], Any] | None = None  # the drafter's training data -> its SourceSpec
 
     @staticmethod
     def offline() -> Resolver:
         from tasks.engine import resolve_drafter
         from tasks.sources import resolve_calibration, resolve_model
 
+        def drafter_data(cfg: Preset) -> Any:
+            from tasks.drafter import resolve_drafter_data
+
+            return _offline(getattr(resolve_drafter_data, "fn", resolve_drafter_data), cfg.drafter)
+
         return Resolver(
             model=lambda cfg: _offline(resolve_model.fn, cfg.model),
             calibration=lambda cfg: _offline(resolve_calibration.fn, cfg.calibration),
             drafter=resolve_drafter,
+            drafter_data=drafter_data,
         )
 
 
@@ -209,8 +221,11 @@ class _Planner:
     def art(self, step: Step) -> _Art:
         return _Art(step, self.store)
 
-    def key(self, step: Step, task: Any, **arguments: Any) -> None:
+    def key(self, step: Step, task: Any, *positional: Any, **arguments: Any) -> None:
         """The recipe key exactly as `task` (an artifact_task) computes it, or what it waits on."""
+        if positional:  # bound by position, for tasks whose parameter names this module need not know
+            names = [n for n in inspect.signature(task.fn).parameters if n != "out"]
+            arguments = {**dict(zip(names, positional, strict=False)), **arguments}
         waits = [a.reason for a in arguments.values() if isinstance(a, Pending)]
         if waits:
             step.waits_on = waits
@@ -273,10 +288,16 @@ def _header(p: _Planner, variants: list[str]) -> list[str]:
     return lines
 
 
-def _build_steps(p: _Planner, variants: list[str]) -> dict[str, tuple[_Art, _Art]]:
-    """Per variant: (its engine, the checkpoint it serves from)."""
+def _build_steps(p: _Planner, variants: list[str]) -> dict[str, tuple[_Art, _Art, _Art | None]]:
+    """Per variant: (its engine, the checkpoint it serves from, its drafter or None)."""
     from tasks.calibration import calibration
-    from tasks.engine import build_engine, build_trtllm_engine, import_drafter, trtllm_checkpoint
+    from tasks.engine import (
+        build_engine,
+        build_speculative_engine,
+        build_trtllm_engine,
+        import_drafter,
+        trtllm_checkpoint,
+    )
     from tasks.model import checkpoint
     from tasks.quantize import quantize_fp8
 
@@ -291,7 +312,7 @@ def _build_steps(p: _Planner, variants: list[str]) -> dict[str, tuple[_Art, _Art
     ckpt = p.art(s)
 
     calib = None
-    if any(v.startswith("fp8") for v in variants):
+    if any(weights_of(v) == "fp8" for v in variants):
         s = p.step("calibration", "calibration", "calibration")
         calib_source = p.source(
             lambda: p.resolver.calibration(cfg), f"dataset {c.source}", c.source, c.revision
@@ -335,21 +356,68 @@ def _build_steps(p: _Planner, variants: list[str]) -> dict[str, tuple[_Art, _Art
             max_seq_len=c.max_seq_len,
         )
         s.does = "calibrate per-tensor static FP8 scales; write the ModelOpt/HF-layout FP8 checkpoint"
-        weights["fp8"] = weights[REDRAFTER] = p.art(s)
+        weights["fp8"] = p.art(s)
+    on_torch = cfg.engine.backend == "torch"
+    speculative = any(map(is_speculative, variants))
+    drafter = _drafter_step(p, ckpt, import_drafter) if on_torch and speculative else None
     engines = {}
     for v in variants:
-        s = p.step(f"engine {v}", "build-engine", "engine")
-        if v == REDRAFTER:
+        w = weights[weights_of(v)]
+        if not is_speculative(v):
+            s = p.step(f"engine {v}", "build-engine", "engine")
+            p.key(s, build_engine, weights=w.arg(), variant=v, settings=cfg.engine)
+            s.does = "record the weights and serving settings in engine.json (nothing is compiled)"
+            engines[v] = (p.art(s), w, None)
+            continue
+        s = p.step(f"engine {v}", "build-speculative-engine", "engine")
+        if not on_torch:
             s.blocked = (
-                TORCH_REDRAFTER_UNAVAILABLE
-                if cfg.engine.backend == "torch"
+                TRTLLM_BF16_REDRAFTER
+                if v != REDRAFTER
                 else "fp8+redrafter needs TensorRT engines (engine.trtllm.runtime: trt)"
             )
         else:
-            p.key(s, build_engine, weights=weights[v].arg(), variant=v, settings=cfg.engine)
-            s.does = "record the weights and serving settings in engine.json (nothing is compiled)"
-        engines[v] = (p.art(s), weights.get(v, ckpt))
+            p.key(
+                s,
+                build_speculative_engine,
+                weights=w.arg(),
+                drafter=drafter.arg(),
+                variant=v,
+                settings=cfg.engine,
+                draft_len=cfg.drafter.draft_len,
+            )
+            s.does = (
+                f"record the weights, the drafter and draft_len {cfg.drafter.draft_len} in engine.json "
+                "(serving decodes speculatively with the drafter)"
+            )
+        engines[v] = (p.art(s), w, drafter)
     return engines
+
+
+def _drafter_step(p: _Planner, ckpt: _Art, import_drafter: Any) -> _Art:
+    """The drafter, imported (drafter.checkpoint) or trained on the drafter data (either backend)."""
+    d = p.cfg.drafter
+    if d.checkpoint is not None:
+        s = p.step("drafter", "import-drafter", "drafter")
+        source = p.source(lambda: p.resolver.drafter(d.checkpoint), "drafter.checkpoint", "", None)
+        p.key(s, import_drafter, source=source)
+        s.does = f"check and copy the trained ReDrafter {d.checkpoint} into the store"
+        return p.art(s)
+    from tasks.drafter import train_drafter
+
+    s = p.step("drafter", "train-drafter", "drafter")
+    what = getattr(d, "data_source", "the drafter data")
+    revision = getattr(d, "data_revision", None)
+    if p.resolver.drafter_data is None:
+        data: Any = Pending(f"the fingerprint of the drafter data {what}")
+    else:
+        data = p.source(lambda: p.resolver.drafter_data(p.cfg), f"drafter data {what}", what, revision)
+    p.key(s, train_drafter, ckpt.arg(), data, d)
+    s.does = (
+        f"train a ReDrafter drafter (base frozen, {d.draft_len} heads, {d.num_draft_layers} ResBlocks) on "
+        f"{what}; save it in Apple's layout"
+    )
+    return p.art(s)
 
 
 def _tensorrt_steps(
@@ -360,7 +428,7 @@ def _tensorrt_steps(
     trtllm_checkpoint: Any,
     import_drafter: Any,
     build_trtllm_engine: Any,
-) -> dict[str, tuple[_Art, _Art]]:
+) -> dict[str, tuple[_Art, _Art, _Art | None]]:
     from mathforge.backends.trtllm import commands as cmds
     from mathforge.backends.trtllm import recipes
 
@@ -383,21 +451,15 @@ def _tensorrt_steps(
         s.commands = [shell(command)]
         trt_ckpt[precision] = p.art(s)
 
-    drafter = None
-    if REDRAFTER in variants:
-        s = p.step("drafter", "import-drafter", "drafter")
-        if cfg.drafter.checkpoint is None:
-            s.waits_on = [DRAFTER_UNAVAILABLE]
-        else:
-            source = p.source(
-                lambda: p.resolver.drafter(cfg.drafter.checkpoint), "drafter.checkpoint", "", None
-            )
-            p.key(s, import_drafter, source=source)
-            s.does = f"check and copy the trained ReDrafter {cfg.drafter.checkpoint} into the store"
-        drafter = p.art(s)
+    drafter = _drafter_step(p, ckpt, import_drafter) if REDRAFTER in variants else None
 
     engines = {}
     for v in variants:
+        if is_speculative(v) and v != REDRAFTER:
+            s = p.step(f"engine {v}", "build-trtllm-engine", "engine")
+            s.blocked = TRTLLM_BF16_REDRAFTER
+            engines[v] = (p.art(s), ckpt, None)
+            continue
         recipe = recipes.engine_recipe(cfg, v)
         base = trt_ckpt["bf16" if v == "bf16" else "fp8"]
         s = p.step(f"engine {v}", "build-trtllm-engine", "engine")
@@ -419,11 +481,11 @@ def _tensorrt_steps(
         )
         s.commands = [shell(c) for c in commands]
         s.then = "copy the tokenizer files beside the engine; write engine.json (with these commands)"
-        engines[v] = (p.art(s), ckpt)
+        engines[v] = (p.art(s), ckpt, None)
     return engines
 
 
-def _serve_steps(p: _Planner, engines: dict[str, tuple[_Art, _Art]], evaluation: bool) -> None:
+def _serve_steps(p: _Planner, engines: dict[str, tuple[_Art, _Art, _Art | None]], evaluation: bool) -> None:
     cfg = p.cfg
     b, e = cfg.bench, cfg.evaluate
     tools = "with the code sandbox" if e.tools else "without tools"
@@ -437,7 +499,7 @@ def _serve_steps(p: _Planner, engines: dict[str, tuple[_Art, _Art]], evaluation:
         )
         + "; log an MLflow child run"
     )
-    for v, (art, weights) in engines.items():
+    for v, (art, weights, drafter) in engines.items():
         s = p.step(f"serve {v}", "benchmark, evaluate" if evaluation else "benchmark")
         if art.step.blocked:
             s.blocked = f"engine [{art.step.index}] cannot be built"
@@ -446,14 +508,12 @@ def _serve_steps(p: _Planner, engines: dict[str, tuple[_Art, _Art]], evaluation:
         engine_path = art.path(f"engine:{v}")
         weights_path = weights.path(weights.step.title.replace(" ", "-"))
         if cfg.engine.backend == "torch":
-            from mathforge.serving import mathforge_argv
+            from tasks.serve import torch_serve_argv
 
-            argv = mathforge_argv(
-                "serve", weights_path, "--host", "127.0.0.1", "--port", "<port>",
-                "--served-model-name", v, "--max-slots", str(cfg.engine.max_slots),
-                "--max-model-len", str(cfg.engine.max_model_len), "--dtype", cfg.engine.dtype,
-                "--device", cfg.engine.device,
-            )  # fmt: skip
+            extra = []
+            if drafter is not None:
+                extra = ["--drafter", drafter.path("drafter"), "--draft-len", str(cfg.drafter.draft_len)]
+            argv = torch_serve_argv(v, weights_path, "<port>", cfg.engine, extra)
             argv[0] = Path(sys.executable).name
             s.commands = [shell(argv)]
             continue

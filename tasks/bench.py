@@ -1,4 +1,7 @@
-"""Benchmark a served variant through its OpenAI API, exactly as any other server would be measured."""
+"""Benchmark a served variant through its OpenAI API, exactly as any other server would be measured.
+
+Speculative variants report their acceptance length per request (`usage.accept_len_mean`); each level's
+`accept_len_mean` is the mean over its requests, logged to MLflow with the other metrics."""
 
 from __future__ import annotations
 
@@ -45,6 +48,12 @@ def benchmark(
             warmup=settings.warmup,
             progress=progress,
         )
+    if variant.endswith("+redrafter") and not any(
+        "accept_len_mean" in level["metrics"] for level in results["levels"]
+    ):
+        from tasks.serve import task_log
+
+        task_log()(f"bench {variant}: the server reported no acceptance length (usage.accept_len_mean)")
     out = paths.runs_dir() / run_name / f"bench-{variant}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

@@ -1,8 +1,9 @@
 """Engine artifacts: a variant = weights + backend + build config, recorded as engine.json.
 
-torch: engine.json describes the weights (nothing compiled). trtllm: a TensorRT-LLM checkpoint (BF16
-conversion or FP8 quantization) and a TensorRT engine per variant, built by the generated commands on a
-host that has TensorRT-LLM; or, on its PyTorch runtime, engine.json only (trtllm-serve loads checkpoints).
+torch: engine.json describes the weights, and for `<weights>+redrafter` also the drafter (nothing is
+compiled). trtllm: a TensorRT-LLM checkpoint (BF16 conversion or FP8 quantization) and a TensorRT engine per
+variant, built by the generated commands on a host that has TensorRT-LLM; or, on its PyTorch runtime,
+engine.json only (trtllm-serve loads checkpoints).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from artifacts.store import default_store
 from artifacts.task import artifact_task
 from mathforge.backends.trtllm.recipes import CheckpointRecipe, EngineRecipe
 from mathforge.config import EngineSettings
+from mathforge.errors import UserError
 from tasks.serve import gpu_slot, task_log
 from tasks.sources import SourceSpec
 
@@ -30,6 +32,39 @@ def build_engine(weights: ArtifactRef, variant: str, settings: EngineSettings, o
     from mathforge.engine.build import build_torch_engine
 
     build_torch_engine(store.path(weights), weights.model_dump(), variant, settings.model_dump(), out)
+
+
+@artifact_task(kind="engine", version=1, name="build-speculative-engine")
+def build_speculative_engine(
+    weights: ArtifactRef,
+    drafter: ArtifactRef,
+    variant: str,
+    settings: EngineSettings,
+    draft_len: int,
+    out: Path,
+) -> None:
+    """torch: weights + a ReDrafter drafter (`<weights>+redrafter`), described in engine.json. Its own task
+    (not a `drafter` argument of build-engine) so the keys of the plain engines never change with it."""
+    from mathforge.engine.build import build_torch_engine
+
+    if settings.backend != "torch":
+        from mathforge.backends.preflight import TRTLLM_BF16_REDRAFTER
+
+        if variant.startswith("bf16"):
+            raise UserError(TRTLLM_BF16_REDRAFTER)
+        raise UserError(
+            f"{variant} on the trtllm backend is a TensorRT engine (build-trtllm-engine), not this task"
+        )
+    store = default_store()
+    build_torch_engine(
+        store.path(weights),
+        weights.model_dump(),
+        variant,
+        settings.model_dump(),
+        out,
+        drafter=(store.path(drafter), drafter.model_dump()),
+        draft_len=draft_len,
+    )
 
 
 @artifact_task(kind="trtllm-checkpoint", version=1, name="trtllm-checkpoint")
@@ -76,8 +111,8 @@ def build_trtllm_engine(
 
 @artifact_task(kind="drafter", version=1, name="import-drafter")
 def import_drafter(source: SourceSpec, out: Path) -> None:
-    """A trained ReDrafter directory (Apple layout) into the store, checked as the converter needs it.
-    Training one in the pipeline is issue 5's; until then the preset names one (drafter.checkpoint)."""
+    """A trained ReDrafter directory (Apple layout) into the store, checked as the converter needs it: the
+    preset's drafter.checkpoint, used instead of training one (torch) and as the trtllm backend's drafter."""
     import shutil
 
     from mathforge.backends.trtllm.build import check_drafter
@@ -92,7 +127,6 @@ def import_drafter(source: SourceSpec, out: Path) -> None:
 
 def resolve_drafter(checkpoint: str) -> SourceSpec:
     """Key a drafter directory by its content (the path only says where to read it)."""
-    from mathforge.errors import UserError
     from mathforge.hub import tree_digest
 
     path = Path(checkpoint).expanduser()

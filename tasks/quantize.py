@@ -1,4 +1,5 @@
-"""The FP8 checkpoint artifact (torch backend): per-tensor static scales in the ModelOpt/HF layout."""
+"""Quantised checkpoint artifacts (torch backend): FP8 with per-tensor static scales in the ModelOpt/HF
+layout, and int8 weight-only (W8A16) with per-channel scales."""
 
 from __future__ import annotations
 
@@ -26,3 +27,12 @@ def quantize_fp8(
             max_seq_len=max_seq_len,
             progress=progress,
         )
+
+
+@artifact_task(kind="int8-checkpoint", version=1, name="quantize-int8")
+def quantize_int8(checkpoint: ArtifactRef, out: Path) -> dict:
+    """int8 weight-only (W8A16, per-output-channel scales): no calibration data, so the key is the
+    checkpoint alone. Returns the writer's summary (Linears quantised, bytes, worst weight error)."""
+    from mathforge.engine.int8 import quantize_int8_checkpoint
+
+    return quantize_int8_checkpoint(default_store().path(checkpoint), out)

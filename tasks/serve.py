@@ -1,6 +1,6 @@
 """Serve a variant: start its server as a child process, wait for /health, always stop it.
 
-torch engines run `mathforge serve`; trtllm engines run `trtllm-serve` (TensorRT engine with `--backend trt`,
+torch engines run `mathforge serve` (with `--drafter` for a speculative variant); trtllm engines run `trtllm-serve` (TensorRT engine with `--backend trt`,
 or a checkpoint on the PyTorch backend with its `extra_llm_api_options` YAML). Both give the same `Served`.
 """
 
@@ -81,9 +81,35 @@ def serve_variant(variant: str, engine: ArtifactRef, settings: EngineSettings) -
     weights = store.resolve(ArtifactRef(**spec["weights"]))
     port = free_port()
     log_file = paths.runs_dir() / "logs" / f"serve-{variant}-{port}.log"
-    argv = mathforge_argv(
+    argv = torch_serve_argv(variant, store.path(weights), port, settings, speculative_args(spec))
+    with (
+        gpu_slot(1, f"serve {variant}") if settings.device.startswith("cuda") else nullcontext(),
+        ServerProcess(
+            argv,
+            health_url=f"http://127.0.0.1:{port}/health",
+            log_file=log_file,
+            name=f"mathforge serve ({variant})",
+        ) as proc,
+    ):
+        yield Served(base_url=f"http://127.0.0.1:{port}/v1", model=variant, pid=proc.pid, log_file=log_file)
+
+
+def speculative_args(spec: dict) -> list[str]:
+    """`--drafter DIR --draft-len K` for an engine that names a drafter (a `<weights>+redrafter` variant)."""
+    if not spec.get("drafter"):
+        return []
+    store = default_store()
+    drafter = store.path(store.resolve(ArtifactRef(**spec["drafter"])))
+    return ["--drafter", str(drafter), "--draft-len", str(spec["speculative"]["draft_len"])]
+
+
+def torch_serve_argv(
+    variant: str, weights_dir: Path | str, port: int | str, settings: EngineSettings, extra: list[str]
+) -> list[str]:
+    """The `mathforge serve` command line of a torch engine (also what the dry-run plan prints)."""
+    return mathforge_argv(
         "serve",
-        str(store.path(weights)),
+        str(weights_dir),
         "--host",
         "127.0.0.1",
         "--port",
@@ -98,17 +124,8 @@ def serve_variant(variant: str, engine: ArtifactRef, settings: EngineSettings) -
         settings.dtype,
         "--device",
         settings.device,
+        *extra,
     )
-    with (
-        gpu_slot(1, f"serve {variant}") if settings.device.startswith("cuda") else nullcontext(),
-        ServerProcess(
-            argv,
-            health_url=f"http://127.0.0.1:{port}/health",
-            log_file=log_file,
-            name=f"mathforge serve ({variant})",
-        ) as proc,
-    ):
-        yield Served(base_url=f"http://127.0.0.1:{port}/v1", model=variant, pid=proc.pid, log_file=log_file)
 
 
 @contextmanager

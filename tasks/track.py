@@ -19,9 +19,16 @@ HEADLINE = (
     "e2e_ms_p50",
     "output_tok_s",
     "request_s",
+    "accept_len_mean",
     "accuracy",
     "maj_at_k",
 )
+
+
+def metric_prefix(variant: str) -> str:
+    """A variant's name as an MLflow metric-name prefix: MLflow refuses `+` in names (fp8+redrafter ->
+    fp8-redrafter)."""
+    return variant.replace("+", "-")
 
 
 @task(cache_policy=NO_CACHE, name="start-tracking")
@@ -49,13 +56,20 @@ def open_variant_run(
         "device": build.get("device"),
     }
     tags = {"engine.digest": engine.digest, "weights.digest": engine_spec["weights"]["digest"]}
+    if engine_spec.get("drafter"):
+        tags["drafter.digest"] = engine_spec["drafter"]["digest"]
     run_id = tracking.start_child_run(parent_run_id, variant, params, tags)
-    tracking.log_metrics(run_id, {"weight_bytes": engine_spec["weight_bytes"]})
+    sizes = {"weight_bytes": engine_spec["weight_bytes"]}
+    if engine_spec.get("drafter_bytes"):
+        sizes["drafter_bytes"] = engine_spec["drafter_bytes"]
+    tracking.log_metrics(run_id, sizes)
     return run_id
 
 
 @task(cache_policy=NO_CACHE, name="log-benchmark")
 def log_benchmark(run_id: str, bench: dict[str, Any]) -> dict[str, float]:
+    """Every concurrency level as a step; a speculative variant's levels carry `accept_len_mean` (tokens
+    per verify forward, as the server reported it in `usage`), logged like every other metric."""
     return tracking.log_benchmark(run_id, bench["results"], Path(bench["results_file"]))
 
 
@@ -82,7 +96,12 @@ def compare(
             plots.close(fig)
     tracking.log_metrics(
         parent_run_id,
-        {f"{r['variant']}.{k}": v for r in rows for k, v in r["metrics"].items() if k in HEADLINE},
+        {
+            f"{metric_prefix(r['variant'])}.{k}": v
+            for r in rows
+            for k, v in r["metrics"].items()
+            if k in HEADLINE
+        },
     )
     for row in rows:
         tracking.finish_run(row["run_id"])

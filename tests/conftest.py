@@ -76,6 +76,14 @@ def prefect_server(tmp_path_factory):
     yield url
     import signal
 
+    # deliver logs and events that in-process flows left queued while the server is still up: otherwise the
+    # interpreter's exit retries them against a stopped server for a minute
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)
+    EventsWorker.drain_all(timeout=30)
+
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=20)

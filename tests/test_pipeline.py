@@ -1,7 +1,10 @@
 """The pipeline end to end, through a real Prefect server, real `mathforge serve` processes and MLflow.
 
 One module-scoped MATHFORGE_HOME carries the artifact store across tests, so the order matters: the first
-test builds everything, the later ones prove cache hits, key isolation, repair and concurrency.
+test builds everything, the later ones prove cache hits, key isolation and repair.
+
+The preset is the tiny one with its four variants (bf16, fp8, and both with the ReDrafter drafter the
+pipeline trains), the drafter trained for a few steps only: these tests check the plumbing, not its quality.
 """
 
 from __future__ import annotations
@@ -16,50 +19,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
+from _pipeline import FOUR, REPO, built_refs, mathforge, objects, small_preset
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
-
-
-def small_preset(tmp: Path, name: str = "small", **calibration) -> Path:
-    preset = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
-    preset["name"] = name
-    preset["calibration"].update({"num_samples": 8, "max_seq_len": 256, **calibration})
-    preset["engine"].update({"max_slots": 4, "max_model_len": 1024})
-    preset["bench"].update({"num_prompts": 4, "concurrency": [1, 2], "max_tokens": 8, "warmup": 1})
-    preset["evaluate"].update({"num_problems": 3, "tokens_to_generate": 24, "concurrent_problems": 3})
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(preset))
-    return path
-
-
-def mathforge(home: Path, api_url: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MATHFORGE_HOME": str(home), "PREFECT_API_URL": api_url}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "mathforge.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-        cwd=REPO,
-    )
-    assert proc.returncode == 0, (
-        f"mathforge {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    )
-    return proc
-
-
-def built_refs(proc: subprocess.CompletedProcess) -> dict[str, dict]:
-    start = proc.stdout.index("{")
-    return json.loads(proc.stdout[start:])
-
-
-def objects(home: Path) -> dict[str, float]:
-    """Every published artifact object with its manifest's mtime: a rebuild would change the set or a time."""
-    root = home / "artifacts" / "objects"
-    return {p.parent.name: p.stat().st_mtime_ns for p in root.glob("*/manifest.json")}
 
 
 @pytest.fixture(scope="module")
@@ -77,34 +39,70 @@ def test_pipeline_runs_end_to_end_and_tracks_every_variant(home, preset, prefect
     assert "variant comparison" in proc.stdout
     assert "bf16" in proc.stdout and "fp8" in proc.stdout
     summary = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith('{"metrics"')][-1])
-    assert set(summary["metrics"]) == {"bf16", "fp8"}
+    assert set(summary["metrics"]) == set(FOUR)
+    for v in ("bf16+redrafter", "fp8+redrafter"):
+        assert 1.0 <= summary["metrics"][v]["accept_len_mean"] <= 4.0
+    assert "accept_len_mean" not in summary["metrics"]["fp8"]
 
     db = sqlite3.connect(home / "mlflow.db")
     parent_id = summary["mlflow_parent_run_id"]
-    children = [
+    nested = [
         r[0]
         for r in db.execute(
             "select run_uuid from tags where key='mlflow.parentRunId' and value=?", (parent_id,)
         )
     ]
-    assert len(children) == 2
+    roles = {
+        run: db.execute(
+            "select value from tags where run_uuid=? and key='mathforge.role'", (run,)
+        ).fetchone()[0]
+        for run in nested
+    }
+    children = [run for run, role in roles.items() if role == "variant"]
+    assert (
+        len(children) == 4 and sorted(roles.values()) == ["drafter"] + ["variant"] * 4
+    )  # + its training run
     for child in children:
         keys = {r[0] for r in db.execute("select key from latest_metrics where run_uuid=?", (child,))}
         assert {"ttft_ms_p50", "tpot_ms_p50", "output_tok_s", "accuracy", "maj_at_k", "mean_tokens"} <= keys
+        (variant,) = db.execute(
+            "select value from tags where run_uuid=? and key='variant'", (child,)
+        ).fetchone()
+        assert ("accept_len_mean" in keys) == variant.endswith("+redrafter")
+    parent_keys = {r[0] for r in db.execute("select key from latest_metrics where run_uuid=?", (parent_id,))}
+    assert {"fp8-redrafter.output_tok_s", "fp8-redrafter.accept_len_mean", "bf16.output_tok_s"} <= parent_keys
     rows = [json.loads(line) for line in next(home.glob("runs/*/eval-fp8.jsonl")).read_text().splitlines()]
     assert len(rows) == 3 and all({"generation", "predicted_answer", "is_correct"} <= set(r) for r in rows)
+    # greedy evaluation: speculative decoding changes the speed, never the text
+    for v in ("bf16", "fp8"):
+        plain, spec = (
+            [
+                json.loads(x)["generation"]
+                for x in next(home.glob(f"runs/*/eval-{name}.jsonl")).read_text().splitlines()
+            ]
+            for name in (v, f"{v}+redrafter")
+        )
+        assert spec == plain
     artifacts_of_parent = list((home / "mlartifacts").rglob("plots/*.png"))
     assert artifacts_of_parent, "the parent run has no plots"
 
 
 def test_second_build_is_all_cache_hits(home, preset, prefect_server):
     before = objects(home)
-    assert len(before) >= 5  # checkpoint, calibration, fp8 checkpoint, two engines
+    assert len(before) >= 8  # checkpoint, calibration, fp8 checkpoint, drafter, four engines
     proc = mathforge(home, prefect_server, "build", "--preset", str(preset))
     first = built_refs(proc)
     assert objects(home) == before
     log = proc.stdout + proc.stderr
-    for task in ("checkpoint", "calibration", "quantize-fp8", "build-engine"):  # what the Prefect UI shows
+    tasks = (
+        "checkpoint",
+        "calibration",
+        "quantize-fp8",
+        "train-drafter",
+        "build-engine",
+        "build-speculative-engine",
+    )
+    for task in tasks:  # what the Prefect UI shows
         assert re.search(rf"Task run '{task}-\w+' - Finished in state Cached", log), (
             f"{task} not Cached:\n{log[-3000:]}"
         )
@@ -126,6 +124,8 @@ def test_changing_calibration_changes_fp8_key_but_not_bf16(home, preset, prefect
     assert changed["bf16"]["key"] == base["bf16"]["key"]
     assert changed["bf16"]["digest"] == base["bf16"]["digest"]
     assert changed["fp8"]["key"] != base["fp8"]["key"]
+    assert changed["bf16+redrafter"] == base["bf16+redrafter"]  # the drafter is trained on the bf16 model
+    assert changed["fp8+redrafter"]["key"] != base["fp8+redrafter"]["key"]
 
 
 def test_deleted_artifact_is_rebuilt_not_a_stale_hit(home, preset, prefect_server):
@@ -147,32 +147,6 @@ def test_deleted_artifact_is_rebuilt_not_a_stale_hit(home, preset, prefect_serve
     )
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert again["bf16"] == refs["bf16"]
-
-
-def test_concurrent_builds_build_each_artifact_once(tmp_path, prefect_server):
-    home = tmp_path / "home"
-    preset = small_preset(tmp_path)
-    env = {**os.environ, "MATHFORGE_HOME": str(home), "PREFECT_API_URL": prefect_server}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "mathforge.cli", "build", "--preset", str(preset)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=REPO,
-        )
-        for _ in range(2)
-    ]
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, out + err
-    refs = [json.loads(out[out.index("{") :]) for out, _ in outs]
-    assert refs[0] == refs[1]
-    events = [json.loads(line) for line in (home / "artifacts" / "events.jsonl").read_text().splitlines()]
-    built = [e for e in events if e["event"] == "built"]
-    kinds = sorted(e["kind"] for e in built)
-    assert kinds == sorted(["checkpoint", "calibration", "fp8-checkpoint", "engine", "engine"]), kinds
 
 
 def test_evaluate_cli_prints_one_json_object_last(home, preset, prefect_server):

@@ -73,7 +73,9 @@ def test_openmath_plan_lists_every_command_in_order(tmp_path, empty_hf_cache):
         "the content of [4] TensorRT-LLM checkpoint fp8 (known once it is built)"
         in steps["engine fp8+redrafter"].waits_on
     )
-    assert any("issue 5" in w for w in steps["drafter"].waits_on)
+    # no drafter.checkpoint: the pipeline trains it, keyed by the base checkpoint and the dataset's commit
+    assert steps["drafter"].task == "train-drafter"
+    assert any("nvidia/OpenMathReasoning" in w for w in steps["drafter"].waits_on), steps["drafter"].waits_on
     assert all(s.status == "waits" for s in plan.steps if s.produces)
     assert (
         "--calib_dataset <calibration>/data --calib_size 4096"
@@ -103,21 +105,26 @@ def test_plan_keys_are_the_keys_a_run_uses(tmp_path, monkeypatch):
     monkeypatch.setenv("MATHFORGE_HOME", str(tmp_path / "home"))
     from artifacts.store import default_store
     from tasks.calibration import calibration
-    from tasks.engine import build_engine
+    from tasks.engine import build_engine, build_speculative_engine, import_drafter, resolve_drafter
     from tasks.model import checkpoint
     from tasks.quantize import quantize_fp8
     from tasks.sources import resolve_calibration, resolve_model
 
-    cfg = small_tiny(tmp_path)
+    cfg = small_tiny(tmp_path, drafter=random_drafter(tmp_path / "drafter"))
+    assert cfg.variants == ["bf16", "fp8", "bf16+redrafter", "fp8+redrafter"]
     store = default_store()
     before = build_plan(cfg, store=store)
-    assert [s.status for s in before.steps] == ["builds", "waits", "waits", "waits", "waits", "runs", "runs"]
+    assert [s.status for s in before.steps] == ["builds", "waits", "waits", "builds"] + ["waits"] * 4 + [
+        "runs"
+    ] * 4
 
     ckpt = checkpoint.fn(resolve_model.fn(cfg.model))
     c = cfg.calibration
     calib = calibration.fn(ckpt, resolve_calibration.fn(c), c.num_samples, c.seed, c.split, c.text_field)
     fp8 = quantize_fp8.fn(ckpt, calib, c.num_samples, c.max_seq_len)
     engine = build_engine.fn(fp8, "fp8", cfg.engine)
+    drafter = import_drafter.fn(resolve_drafter(cfg.drafter.checkpoint))
+    spec = build_speculative_engine.fn(fp8, drafter, "fp8+redrafter", cfg.engine, cfg.drafter.draft_len)
 
     after = build_plan(cfg, store=store)
     steps = {s.title: s for s in after.steps}
@@ -127,27 +134,65 @@ def test_plan_keys_are_the_keys_a_run_uses(tmp_path, monkeypatch):
         ("calibration", calib),
         ("fp8 checkpoint", fp8),
         ("engine fp8", engine),
+        ("drafter", drafter),
+        ("engine fp8+redrafter", spec),
     ):
         assert (steps[title].key, steps[title].digest, steps[title].status) == (ref.key, ref.digest, "cached")
     assert steps["engine bf16"].status == "builds"  # its key is known now, the engine is not built
     assert str(store.path(fp8.digest)) in steps["serve fp8"].commands[0]
+    serve = steps["serve fp8+redrafter"].commands[0]
+    assert f"--drafter {store.path(drafter.digest)} --draft-len 3" in serve
+    assert str(store.path(fp8.digest)) in serve and "--drafter" not in steps["serve fp8"].commands[0]
 
 
-def small_tiny(tmp_path: Path) -> Preset:
+def random_drafter(path: Path) -> Path:
+    import torch
+
+    from mathforge.drafter.model import Drafter, DrafterConfig
+    from mathforge.engine.config import ModelConfig
+
+    torch.manual_seed(0)
+    base = ModelConfig.from_pretrained(REPO / "mathforge" / "data" / "tiny_model")
+    Drafter(DrafterConfig.for_base(base)).save_pretrained(path)
+    return path
+
+
+def small_tiny(tmp_path: Path, drafter: Path | None = None) -> Preset:
     data = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     data["calibration"].update({"num_samples": 4, "max_seq_len": 64})
+    if drafter is not None:
+        data["drafter"] = {**data.get("drafter", {}), "checkpoint": str(drafter)}
     path = tmp_path / "small-tiny.yaml"
     path.write_text(yaml.safe_dump(data))
     return load_preset(str(path))
 
 
-def test_torch_plan_blocks_redrafter_as_not_yet_available(tmp_path):
+def test_torch_plan_trains_the_drafter_for_speculative_variants(tmp_path):
     plan = build_plan(load_preset("tiny"), ["bf16", "fp8+redrafter"], store=ArtifactStore(tmp_path / "s"))
     steps = {s.title: s for s in plan.steps}
-    assert steps["engine fp8+redrafter"].status == "blocked"
-    assert "not yet available on the torch backend" in steps["engine fp8+redrafter"].blocked
-    assert steps["serve fp8+redrafter"].status == "blocked"
+    assert [s.title for s in plan.steps] == [
+        "checkpoint",
+        "calibration",
+        "fp8 checkpoint",
+        "drafter",
+        "engine bf16",
+        "engine fp8+redrafter",
+        "serve bf16",
+        "serve fp8+redrafter",
+    ]
+    assert steps["drafter"].task == "train-drafter" and steps["drafter"].produces == "drafter"
+    assert "the content of [1] checkpoint (known once it is built)" in steps["drafter"].waits_on
+    assert steps["engine fp8+redrafter"].task == "build-speculative-engine"
+    assert "the content of [4] drafter (known once it is built)" in steps["engine fp8+redrafter"].waits_on
+    assert "--drafter <drafter> --draft-len 3" in steps["serve fp8+redrafter"].commands[0]
     assert steps["serve bf16"].commands[0].split()[1:4] == ["-m", "mathforge.cli", "serve"]
+
+
+def test_trtllm_plan_blocks_bf16_redrafter(tmp_path, empty_hf_cache):
+    plan = build_plan(load_preset("openmath-14b"), ["bf16+redrafter"], store=ArtifactStore(tmp_path / "s"))
+    steps = {s.title: s for s in plan.steps}
+    assert "torch backend only" in steps["engine bf16+redrafter"].blocked
+    assert steps["serve bf16+redrafter"].status == "blocked"
 
 
 def test_pytorch_runtime_plan_shows_the_yaml(tmp_path, empty_hf_cache):

@@ -64,6 +64,12 @@ def om() -> Preset:
 def with_trtllm(preset: Preset, **changes) -> Preset:
     data = preset.model_dump(mode="json", exclude_none=False)
     data["engine"]["trtllm"] = {**preset.engine.trtllm.model_dump(), **_host(preset), **changes}
+    # the drafter's excluded (decode-time / location) fields are left out of dumps too: keep them
+    d = preset.drafter
+    data["drafter"] = {
+        **data["drafter"],
+        **{k: getattr(d, k) for k, f in type(d).model_fields.items() if f.exclude},
+    }
     return Preset.model_validate(data)
 
 
@@ -346,21 +352,32 @@ def test_version_dependent_choices():
 # ------------------------------------------------------------------ variants, drafter, host
 
 
-def test_torch_refuses_redrafter_as_not_yet_available():
+def test_speculative_variants_per_backend(om):
+    """torch builds both speculative variants (drafter trained or imported); trtllm only fp8+redrafter."""
     tiny = load_preset("tiny")
-    with pytest.raises(UserError, match="not yet available on the torch backend"):
-        check_variants(tiny, ["bf16", "fp8+redrafter"])
+    assert check_variants(tiny, None) == ["bf16", "fp8", "bf16+redrafter", "fp8+redrafter"]
+    assert check_variants(tiny, ["fp8+redrafter"]) == ["fp8+redrafter"]
+    with pytest.raises(UserError, match="torch backend only"):
+        check_variants(om, ["bf16+redrafter"])
+    data = tiny.model_dump(mode="json")
+    data["drafter"] = {**data["drafter"], "num_beams": 4}
+    with pytest.raises(UserError, match="drafts one beam"):
+        check_variants(Preset.model_validate(data), ["bf16+redrafter"])
     from mathforge.engine.build import build_torch_engine
 
-    with pytest.raises(UserError, match="not yet available"):
+    with pytest.raises(UserError, match="needs a drafter"):
         build_torch_engine(Path("/nonexistent"), {}, "fp8+redrafter", {}, Path("/nonexistent-out"))
-    assert check_variants(tiny, None) == ["bf16", "fp8"]
+    with pytest.raises(UserError, match="takes no drafter"):
+        build_torch_engine(Path("/x"), {}, "bf16", {}, Path("/y"), drafter=(Path("/d"), {}), draft_len=3)
 
 
-def test_redrafter_without_a_drafter_is_refused_up_front(om):
-    with pytest.raises(UserError, match=r"drafter\.checkpoint"):
-        check_variants(om)
+def test_redrafter_without_a_drafter_checkpoint_is_trained_not_refused(om):
+    # no drafter.checkpoint: the pipeline trains the drafter (tasks/drafter.py) before converting it
+    assert om.drafter.checkpoint is None
+    assert check_variants(om) == ["bf16", "fp8", "fp8+redrafter"]
     assert check_variants(om, ["bf16", "fp8"]) == ["bf16", "fp8"]
+    with pytest.raises(UserError, match="bf16\\+redrafter"):
+        check_variants(om, ["bf16+redrafter"])
     with pytest.raises(UserError, match="unknown variant"):
         check_variants(om, ["int4"])
 

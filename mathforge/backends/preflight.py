@@ -1,6 +1,10 @@
 """Before a build starts: can this preset's variants be built here? Refuse at once, with the way out.
 
 The same rules the build tasks enforce, checked before the first (possibly 28 GB) download.
+
+Speculative variants: on torch, `bf16+redrafter` and `fp8+redrafter` decode with a drafter the pipeline
+trains (or imports from drafter.checkpoint); on trtllm, `fp8+redrafter` is a TensorRT engine with an
+imported drafter (drafter.checkpoint) and `bf16+redrafter` does not exist.
 """
 
 from __future__ import annotations
@@ -10,18 +14,24 @@ from collections.abc import Sequence
 from mathforge.config import VARIANTS, Preset
 from mathforge.errors import UserError
 
-REDRAFTER = "fp8+redrafter"
+REDRAFTER = "fp8+redrafter"  # the speculative variant TensorRT-LLM builds (the reference recipe's)
+SPECULATIVE_SUFFIX = "+redrafter"
 
-TORCH_REDRAFTER_UNAVAILABLE = (
-    "variant fp8+redrafter is not yet available on the torch backend: ReDrafter training and speculative "
-    "decoding for it are still being built (issue 5). Build it with engine.backend: trtllm and a trained "
-    "drafter (drafter.checkpoint), or choose the variants bf16, fp8 (--variants bf16,fp8)"
+TRTLLM_BF16_REDRAFTER = (
+    "variant bf16+redrafter is built by the torch backend only: on TensorRT-LLM the speculative variant is "
+    "fp8+redrafter (the reference recipe's FP8 engine with the ReDrafter drafter). Choose fp8+redrafter, or "
+    "engine.backend: torch"
 )
-DRAFTER_UNAVAILABLE = (
-    "variant fp8+redrafter needs a drafter, and training one in the pipeline is not yet available (issue 5): "
-    "set drafter.checkpoint in the preset to a trained ReDrafter directory (Apple layout: config.json + one "
-    "model.safetensors, e.g. from NeMo-Skills' train_redrafter), or leave the variant out (--variants bf16,fp8)"
-)
+
+
+def is_speculative(variant: str) -> bool:
+    """`<weights>+redrafter`: the weights decode speculatively with the preset's drafter."""
+    return variant.endswith(SPECULATIVE_SUFFIX)
+
+
+def weights_of(variant: str) -> str:
+    """The weights a variant serves: bf16 (the checkpoint) or fp8 (the calibrated FP8 checkpoint)."""
+    return variant.removesuffix(SPECULATIVE_SUFFIX)
 
 
 def check_variants(preset: Preset, variants: Sequence[str] | None = None) -> list[str]:
@@ -32,12 +42,28 @@ def check_variants(preset: Preset, variants: Sequence[str] | None = None) -> lis
         raise UserError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if not chosen:
         raise UserError(f"preset {preset.name} names no variants")
-    if REDRAFTER in chosen:
-        if preset.engine.backend == "torch":
-            raise UserError(TORCH_REDRAFTER_UNAVAILABLE)
-        if preset.drafter.checkpoint is None:
-            raise UserError(DRAFTER_UNAVAILABLE)
+    speculative = [v for v in chosen if is_speculative(v)]
+    if speculative and preset.engine.backend == "torch":
+        from mathforge.engine.speculative import MAX_DRAFT_LEN
+
+        d = preset.drafter
+        if d.num_beams != 1:
+            raise UserError(
+                f"drafter.num_beams is {d.num_beams}, but the torch backend drafts one beam (greedy, as the "
+                "reference recipe serves ReDrafter: num_beams 1); set drafter.num_beams: 1"
+            )
+        if d.draft_len > MAX_DRAFT_LEN:
+            raise UserError(
+                f"drafter.draft_len {d.draft_len} is above the torch engine's limit {MAX_DRAFT_LEN}"
+            )
     if preset.engine.backend == "trtllm":
+        if "int8_wo" in chosen:
+            raise UserError(
+                "variant int8_wo is built by the torch backend (engine.backend: torch); the trtllm presets "
+                "build bf16, fp8 and fp8+redrafter"
+            )
+        if "bf16+redrafter" in chosen:
+            raise UserError(TRTLLM_BF16_REDRAFTER)
         from mathforge.backends.trtllm import recipes
 
         for v in chosen:  # version gates and shape checks, before anything runs

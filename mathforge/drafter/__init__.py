@@ -1,1 +1,2 @@
-"""ReDrafter (Apple's recurrent drafter): the model, its training and its on-disk layout."""
+"""ReDrafter (Apple's recurrent drafter): the model (`model`), its training data (`data`), its training on a
+frozen base (`train`) and the `mathforge drafter` command (`cli`)."""

@@ -10,6 +10,13 @@ Each running request owns one slot of the model's static KV cache. A step
 3. fetches the chosen token ids to the host once (the step's only sync), then runs the stop checks
    and incremental detokenization, and frees the slot of every request that finished.
 
+With a ReDrafter drafter (`Engine(..., drafter=, draft_len=k)`), step 2 is speculative: the drafter
+proposes k tokens per running request from the base's final-norm hidden state of its last fed position
+(kept per slot in a [slots + 1, H] device buffer, written by the prefill and by every verify), the target
+verifies them in one forward of k + 1 positions (static shape per (batch bucket, k + 1, kv_len bucket)),
+and each request emits 1..k+1 tokens; see `mathforge.engine.speculative` for the algorithm, why rejected
+positions need no KV rollback, and why sampled requests keep their exact distribution.
+
 Padding rows of a decode batch write into a scratch slot (the cache has max_slots + 1 slots), so
 they never touch a live request's cache. The engine is single-threaded; `AsyncEngine` runs it on a
 background thread.
@@ -32,6 +39,7 @@ import torch
 from mathforge.engine.api import EngineInputError, RequestOutput, SamplingParams
 from mathforge.engine.detok import IncrementalDetokenizer
 from mathforge.engine.sampling import SamplingBatch, make_generator, sample, to_device
+from mathforge.engine.speculative import MAX_DRAFT_LEN, SpecBatch, verify_positions
 from mathforge.errors import UserError
 
 log = logging.getLogger("mathforge.engine")
@@ -94,8 +102,22 @@ class Engine:
         prefill_chunk: int = 1024,
         max_prefill_tokens: int = 4096,
         runner: Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]] | None = None,
+        drafter: torch.nn.Module | None = None,
+        draft_len: int = 3,
+        verify_rows: bool | None = None,
     ):
-        """`runner` replaces `model(...)` for every forward (same signature): e.g. a CUDA-graph runner."""
+        """`runner` replaces `model(...)` for every forward (same signature): e.g. a CUDA-graph runner.
+        `drafter` (a `mathforge.drafter.model.Drafter` for this base) turns decoding speculative, drafting
+        `draft_len` tokens per step.
+
+        `verify_rows` picks the layout of the verify forward. True: k + 1 single-token rows per request
+        ([B * (k + 1), 1]; row j writes its position's KV before any row attends, so it sees the drafts
+        before it) — each row is exactly the computation of a non-speculative decode step, so greedy
+        output is token for token the same wherever the kernels are batch-invariant; but each row reads
+        the request's KV cache again. False: one [B, k + 1] query block per request (the KV cache read
+        once), whose attention kernels may round differently from single-token decode (measured on CPU:
+        PyTorch's flash kernel differs by 1 bf16 ulp between query lengths 4 and 1, enough to flip a tied
+        argmax). Default: rows on CPU (exactness), block on CUDA (bandwidth)."""
         cfg = model.config
         if max_slots < 1:
             raise UserError(f"max_slots must be at least 1, got {max_slots}")
@@ -124,6 +146,15 @@ class Engine:
         self.scratch_slot = max_slots
         model.setup_cache(max_slots + 1, self.max_model_len)
         self._runner = runner or model
+        self.drafter, self.draft_len = self._check_drafter(drafter, draft_len, cfg)
+        self.verify_rows = self.device.type != "cuda" if verify_rows is None else bool(verify_rows)
+        # per slot: the final-norm hidden state of the request's last fed position (the drafter's input)
+        self._hidden = (
+            torch.zeros(max_slots + 1, cfg.hidden_size, dtype=model.dtype, device=self.device)
+            if self.drafter is not None
+            else None
+        )
+        self._spec_batch: tuple[tuple, SpecBatch] | None = None
 
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
@@ -140,8 +171,33 @@ class Engine:
         self.finished_total: Counter[str] = Counter()
         self.steps_total = 0
         self.running_peak = 0
+        # speculative decoding (per request and verify forward): drafts proposed / accepted, tokens emitted
+        self.spec_verify_total = 0
+        self.spec_draft_tokens_total = 0
+        self.spec_accepted_tokens_total = 0
+        self.spec_emitted_tokens_total = 0
 
     # ------------------------------------------------------------------ construction
+    def _check_drafter(self, drafter, draft_len: int, cfg) -> tuple[torch.nn.Module | None, int]:
+        if drafter is None:
+            return None, draft_len
+        if (
+            isinstance(draft_len, bool)
+            or not isinstance(draft_len, int)
+            or not 1 <= draft_len <= MAX_DRAFT_LEN
+        ):
+            raise UserError(f"draft_len must be an integer in [1, {MAX_DRAFT_LEN}], got {draft_len!r}")
+        dc = drafter.config
+        if (dc.hidden_size, dc.vocab_size) != (cfg.hidden_size, cfg.vocab_size):
+            raise UserError(
+                f"the drafter was made for a base with hidden_size {dc.hidden_size} and vocab_size "
+                f"{dc.vocab_size}, but this model has {cfg.hidden_size} and {cfg.vocab_size}: train a drafter "
+                f"for this base model"
+            )
+        if self.max_model_len < draft_len + 2:
+            raise UserError(f"max_model_len {self.max_model_len} is too short for draft_len {draft_len}")
+        return drafter.to(device=self.device, dtype=self.model.dtype).eval(), draft_len
+
     @staticmethod
     def _fit_kv_cache(model, max_slots: int, max_model_len: int, *, explicit: bool, kv_block: int) -> int:
         """Check the KV cache ((max_slots + 1 scratch) x max_model_len) fits in 90% of free memory. An
@@ -192,8 +248,13 @@ class Engine:
         max_model_len: int | None = None,
         dtype: torch.dtype | str = torch.bfloat16,
         device: str | torch.device = "cpu",
+        drafter: str | Path | torch.nn.Module | None = None,
+        cuda_graphs: bool | None = None,
         **kwargs,
     ) -> Engine:
+        """`drafter`: a ReDrafter directory (Apple layout) or a loaded Drafter; `draft_len` goes in kwargs.
+        `cuda_graphs` (default: on for CUDA): decode and verify steps replay CUDA graphs
+        (`mathforge.engine.graphs.CUDAGraphRunner`), captured here for every decode batch bucket."""
         from transformers import AutoTokenizer
 
         from mathforge.engine.model import Transformer
@@ -202,16 +263,42 @@ class Engine:
         if isinstance(dtype, str):
             dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
         model = Transformer.from_pretrained(model_dir, device=device, dtype=dtype)
+        if isinstance(drafter, str | Path):
+            from mathforge.drafter.model import Drafter
+
+            drafter = Drafter.from_pretrained(drafter, device=device, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         eos = load_eos_token_ids(model_dir, tokenizer)
-        return cls(
+        on_cuda = torch.device(device).type == "cuda"
+        if cuda_graphs and not on_cuda:
+            raise UserError("CUDA graphs need device cuda")
+        runner = None
+        if (on_cuda if cuda_graphs is None else cuda_graphs) and kwargs.get("runner") is None:
+            from mathforge.engine.graphs import CUDAGraphRunner
+
+            kwargs.pop("runner", None)
+            runner = CUDAGraphRunner(model, batch_sizes=decode_buckets(max_slots))
+            kwargs["runner"] = runner
+        engine = cls(
             model,
             tokenizer,
             max_slots=max_slots,
             max_model_len=max_model_len,
             eos_token_ids=eos or None,
+            drafter=drafter,
             **kwargs,
         )
+        if runner is not None:
+            if engine.drafter is None:
+                runner.warmup(slot=engine.scratch_slot)
+            else:  # the verify forward (returns hidden states): [B, k + 1], or [B * (k + 1), 1] rows
+                k1 = engine.draft_len + 1
+                if engine.verify_rows:
+                    runner.batch_sizes |= {b * k1 for b in engine.buckets}
+                else:
+                    runner.token_counts.add(k1)
+                runner.warmup(slot=engine.scratch_slot, return_hidden=True)
+        return engine
 
     # ------------------------------------------------------------------ requests
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
@@ -330,6 +417,15 @@ class Engine:
             "generation_tokens_total": self.generation_tokens_total,
             "finished_total": {r: self.finished_total.get(r, 0) for r in FINISH_REASONS},
             "steps_total": self.steps_total,
+            "speculative": None
+            if self.drafter is None
+            else {
+                "draft_len": self.draft_len,
+                "verify_steps_total": self.spec_verify_total,
+                "draft_tokens_total": self.spec_draft_tokens_total,
+                "accepted_tokens_total": self.spec_accepted_tokens_total,
+                "emitted_tokens_total": self.spec_emitted_tokens_total,
+            },
         }
 
     # ------------------------------------------------------------------ the step
@@ -343,9 +439,11 @@ class Engine:
             self._on_admit(req)
             admitted.append(req)
         decoding = list(self.running)
+        # (requests, chosen tokens): [n] one token each, or [n, 1 + k + 1] (count, tokens) when speculative
         results: list[tuple[list[_Request], torch.Tensor]] = []
         if decoding:
-            results.append((decoding, self._decode(decoding)))
+            spec = self.drafter is not None
+            results.append((decoding, self._spec_decode(decoding) if spec else self._decode(decoding)))
         for group in self._prefill_groups(admitted):
             results.append((group, self._prefill(group)))
         self.running.extend(admitted)
@@ -353,10 +451,18 @@ class Engine:
         if not results:
             return []
         self.steps_total += 1
-        reqs = [r for group, _ in results for r in group]
-        chosen = torch.cat([t for _, t in results]).tolist()  # the step's one host sync
+        flat = torch.cat([t.reshape(-1) for _, t in results]).tolist()  # the step's one host sync
         now = time.monotonic()
-        return [self._append(req, tok, now) for req, tok in zip(reqs, chosen, strict=True)]
+        outputs, at = [], 0
+        for group, t in results:
+            width = 1 if t.dim() == 1 else t.shape[1]
+            for req in group:
+                row, at = flat[at : at + width], at + width
+                if width == 1:
+                    outputs.append(self._append(req, row, now))
+                else:
+                    outputs.append(self._append_verified(req, row[1 : 1 + row[0]], now))
+        return outputs
 
     def _on_admit(self, req: _Request) -> None:
         self.prompt_tokens_total += len(req.prompt_ids)
@@ -368,32 +474,52 @@ class Engine:
             self._seen[req.slot].zero_()
             self._seen[req.slot, self._tensor(req.prompt_ids)] = True
 
-    def _append(self, req: _Request, tok: int, now: float) -> RequestOutput:
-        req.output_ids.append(tok)
-        self.generation_tokens_total += 1
+    def _append(self, req: _Request, tokens: list[int], now: float) -> RequestOutput:
+        """Add tokens in order until one finishes the request (eos / stop token id, stop string,
+        max_tokens): the rest of a speculative run after it is dropped."""
         if req.first_token_time is None:
             req.first_token_time = now
-        finish = None
-        if tok in req.stop_ids:
-            finish, text = "stop", req.detok.flush()  # the stop/eos token's own text is not returned
-        else:
-            text = req.detok.add(tok)
+        finish, added, parts = None, [], []
+        for tok in tokens:
+            req.output_ids.append(tok)
+            added.append(tok)
+            self.generation_tokens_total += 1
+            if tok in req.stop_ids:
+                finish = "stop"
+                parts.append(req.detok.flush())  # the stop/eos token's own text is not returned
+                break
+            parts.append(req.detok.add(tok))
             if req.detok.stopped:
                 finish = "stop"
-            elif len(req.output_ids) >= req.params.max_tokens:
+                break
+            if len(req.output_ids) >= req.params.max_tokens:
                 finish = "length"
-                text += req.detok.flush()
+                parts.append(req.detok.flush())
+                break
         if finish:
             self._finish(req, finish)
         return RequestOutput(
             req.request_id,
-            [tok],
-            text,
+            added,
+            "".join(parts),
             finished=finish is not None,
             finish_reason=finish,
             prompt_tokens=len(req.prompt_ids),
             completion_tokens=len(req.output_ids),
         )
+
+    def _append_verified(self, req: _Request, tokens: list[int], now: float) -> RequestOutput:
+        """The tokens one verify forward gave a request; its acceptance is the number it kept."""
+        plain = req.params.repetition_penalty != 1.0
+        out = self._append(req, tokens, now)
+        n = len(out.token_ids)
+        out.accept_lens = [n]
+        self.spec_verify_total += 1
+        self.spec_emitted_tokens_total += n
+        if not plain:
+            self.spec_draft_tokens_total += self.draft_len
+            self.spec_accepted_tokens_total += len(tokens) - 1
+        return out
 
     def _finish(self, req: _Request, reason: str) -> None:
         self.running.remove(req)
@@ -455,6 +581,47 @@ class Engine:
         logits = self._forward(self._tensor(ids).view(B, 1), self._tensor(pos).view(B, 1), slots_t, kv_len)
         return self._sample(rows, logits[:, -1, :], slots_t, self._decode_sb[1])[:n]
 
+    def _draft(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The one place the engine calls the drafter: hidden [B, H], tokens [B] -> drafts [B, k]."""
+        return self.drafter.draft(hidden, tokens, self.model.embed_tokens, self.draft_len)
+
+    def _spec_decode(self, reqs: list[_Request]) -> torch.Tensor:
+        """Draft k tokens per request, verify them in one forward, accept; -> [n, 1 + k + 1] int64 rows of
+        (number of tokens emitted, the k + 1 tokens of which the first that many are emitted)."""
+        n, k = len(reqs), self.draft_len
+        B = next(b for b in self.buckets if b >= n)
+        pad = B - n
+        rows: list[_Request | None] = [*reqs, *([None] * pad)]
+        key = tuple(r.request_id if r else None for r in rows)
+        if self._spec_batch is None or self._spec_batch[0] != key:
+            sp = SpecBatch([r.params if r else None for r in rows], self.vocab_size, k, self.device)
+            self._spec_batch = (key, sp)
+        sp = self._spec_batch[1]
+        first = [r.num_tokens - 1 for r in reqs] + [0] * pad  # where g0, the last chosen token, goes
+        pos = verify_positions(first, k + 1, self.max_model_len - 1)
+        kv_len = self._kv_len(max(row[-1] for row in pos) + 1)
+        slots_t = self._tensor([r.slot for r in reqs] + [self.scratch_slot] * pad)
+        g0 = self._tensor([r.output_ids[-1] for r in reqs] + [0] * pad)
+        drafts = self._draft(self._hidden[slots_t], g0)
+        ids = torch.cat([g0[:, None], drafts], dim=1)
+        pos_t = self._tensor([p for row in pos for p in row]).view(B, k + 1)
+        if self.verify_rows:  # every (request, position) its own single-token row: see __init__
+            logits, hidden = self._forward(
+                ids.reshape(-1, 1), pos_t.reshape(-1, 1), slots_t.repeat_interleave(k + 1), kv_len, True
+            )
+            logits, hidden = logits.view(B, k + 1, -1), hidden.view(B, k + 1, -1)
+        else:
+            logits, hidden = self._forward(ids, pos_t, slots_t, kv_len, True)
+        seen = self._seen[slots_t] if sp.plain_sb is not None and self._seen is not None else None
+        tokens, n_emit = sp.verify(logits, drafts, [r.generator if r else None for r in rows], seen)
+        if seen is not None:
+            plain = self._tensor(sp.plain_rows)
+            self._seen[slots_t[plain], tokens[plain, 0]] = True
+        # the next draft conditions on the hidden state of the last accepted input position
+        last = (n_emit - 1)[:, None, None].expand(-1, 1, hidden.shape[-1])
+        self._hidden[slots_t] = hidden.gather(1, last).squeeze(1).to(self._hidden.dtype)
+        return torch.cat([n_emit[:, None], tokens], dim=1)[:n]
+
     def _prefill_groups(self, reqs: list[_Request]) -> list[list[_Request]]:
         """Short prompts are batched (padded to the longest, <= max_prefill_tokens in all); a prompt longer
         than prefill_chunk is prefilled alone, in chunks."""
@@ -476,16 +643,19 @@ class Engine:
 
     def _prefill(self, group: list[_Request]) -> torch.Tensor:
         slots_t = self._tensor([r.slot for r in group])
+        spec = self.drafter is not None  # keep each prompt's last hidden state for the first draft
         if len(group) == 1 and len(group[0].prompt_ids) > self.prefill_chunk:
             ids, C = group[0].prompt_ids, self.prefill_chunk
             for start in range(0, len(ids), C):
                 chunk = ids[start : start + C]
-                logits = self._forward(
+                last = self._tensor([len(chunk) - 1]).view(1, 1)
+                out = self._forward(
                     self._tensor(chunk).view(1, -1),
                     self._tensor(list(range(start, start + len(chunk)))).view(1, -1),
                     slots_t,
                     self._kv_len(start + len(chunk)),
-                    logits_at=self._tensor([len(chunk) - 1]).view(1, 1),
+                    spec,
+                    logits_at=last,
                 )
         else:
             T = max(len(r.prompt_ids) for r in group)
@@ -494,13 +664,19 @@ class Engine:
             ids = [r.prompt_ids + [0] * (T - len(r.prompt_ids)) for r in group]
             flat_ids = [t for row in ids for t in row]
             pos = list(range(T)) * len(group)
-            logits = self._forward(
+            last = self._tensor([len(r.prompt_ids) - 1 for r in group]).view(-1, 1)
+            out = self._forward(
                 self._tensor(flat_ids).view(len(group), T),
                 self._tensor(pos).view(len(group), T),
                 slots_t,
                 self._kv_len(T),
-                logits_at=self._tensor([len(r.prompt_ids) - 1 for r in group]).view(-1, 1),
+                spec,
+                logits_at=last,
             )
+        logits = out[0] if spec else out
+        if spec:
+            h = out[1].gather(1, last[..., None].expand(-1, -1, out[1].shape[-1])).squeeze(1)
+            self._hidden[slots_t] = h.to(self._hidden.dtype)
         return self._sample(list(group), logits[:, -1, :], slots_t)
 
     # ------------------------------------------------------------------ offline use
@@ -510,7 +686,7 @@ class Engine:
         params: SamplingParams | Sequence[SamplingParams],
     ) -> list[RequestOutput]:
         """Run prompts to completion (continuously batched); one aggregated RequestOutput per prompt,
-        in order: all token ids, the full text, finish_reason and usage."""
+        in order: all token ids, the full text, finish_reason, usage and (speculative) accept_lens."""
         plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         ids = [f"offline-{self.requests_total + i}" for i in range(len(prompts))]
         for rid, prompt, p in zip(ids, prompts, plist, strict=True):
@@ -524,6 +700,7 @@ class Engine:
                     continue
                 a.token_ids += out.token_ids
                 a.text += out.text
+                a.accept_lens += out.accept_lens
                 a.prompt_tokens, a.completion_tokens = out.prompt_tokens, out.completion_tokens
                 if out.finished:
                     a.finished, a.finish_reason = True, out.finish_reason

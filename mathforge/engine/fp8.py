@@ -1,7 +1,9 @@
 """FP8 (e4m3) W8A8 linear layers with per-tensor static scales, ModelOpt FP8_DEFAULT_CFG semantics.
 
 Scales are dequantisation multipliers: x_fp8 = sat(x / s), x ≈ x_fp8 * s; scale = amax / 448.
-On CUDA the matmul is one `torch._scaled_mm` (tensor-wise scales, fp32 accumulation); elsewhere an
+On CUDA the matmul is one `torch._scaled_mm` (tensor-wise scales, fp32 accumulation), or for few rows
+(decode) the Triton GEMV of `mathforge.engine.kernels` when it measures faster (same arithmetic: fp8
+products are exact in fp32); elsewhere an
 exact emulation: the same activation quantisation, then an fp32 matmul of the fp8 values (their
 products are exact in fp32) and the same scale/bias epilogue — equal to the GPU result up to
 accumulation order.
@@ -87,13 +89,12 @@ class FP8Linear(nn.Module):
             m.bias.data = bias.detach().clone()
         return m
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
+    def _eager(self, x2: torch.Tensor) -> torch.Tensor:
+        """[M, K] -> [M, N]: one `torch._scaled_mm` on CUDA, the exact emulation elsewhere."""
         xq = quantize_tensor(x2, self.input_scale)
-        if x.is_cuda:
+        if x2.is_cuda:
             out_dtype = (
-                x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
+                x2.dtype if x2.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
             )
             bias = self.bias.to(out_dtype) if self.bias is not None and out_dtype != torch.float32 else None
             y = torch._scaled_mm(
@@ -110,7 +111,18 @@ class FP8Linear(nn.Module):
             y = (xq.float() @ self.weight.float().t()) * (self.input_scale * self.weight_scale)
             if self.bias is not None:
                 y = y + self.bias.float()
-        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return y.to(x2.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # few rows (decode) on CUDA: the faster of a Triton GEMV and _scaled_mm for this shape
+        # (mathforge.engine.kernels.linear); otherwise _scaled_mm
+        from mathforge.engine import kernels
+
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.dtype != torch.bfloat16:
+            return self._eager(x2).reshape(*shape[:-1], self.out_features)
+        return kernels.linear(x2, self).reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8_e4m3"

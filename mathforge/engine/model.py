@@ -6,8 +6,15 @@ cache[slot, :, :kv_len] masked to positions <= p, so stale entries of a reused s
 Shapes depend only on (B, T, kv_len): no data-dependent control flow, no host syncs, CUDA-graphable.
 
 Checkpoints: HF safetensors (single file or sharded with model.safetensors.index.json), BF16/FP16/FP32,
-or ModelOpt FP8 (hf_quant_config.json, quant_algo FP8) whose Linears become FP8Linear. q/k/v and
-gate/up are fused into one Linear each at load time.
+ModelOpt FP8 (hf_quant_config.json, quant_algo FP8) whose Linears become FP8Linear, or int8 weight-only
+(quant_algo W8A16, `mathforge.engine.int8`) whose Linears become Int8Linear. q/k/v and gate/up are fused
+into one Linear each at load time.
+
+Fast path (CUDA, bf16 activations, Triton): each block runs as 11 launches: add+RMSNorm(+FP8 quant), qkv
+matmul, RoPE + cache write, decode attention (2 launches; T * heads-per-KV-head <= 64; quantises for an
+FP8 o_proj), o matmul, add+RMSNorm(+quant), gate/up matmul, silu*mul(+quant), down matmul
+(`mathforge.engine.kernels`, each verified against this file's eager code on first use). The decode attention reads each query's position
+on the device, so for those shapes the forward does not depend on kv_len (`uses_kv_len`).
 """
 
 from __future__ import annotations
@@ -20,9 +27,13 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
+from mathforge.engine import kernels
 from mathforge.engine.config import ModelConfig
 from mathforge.engine.fp8 import FP8_DTYPE, FP8Linear, quantize_tensor
+from mathforge.engine.int8 import INT8_ALGO, Int8Linear
 from mathforge.errors import UserError
+
+QUANT_KINDS = (None, "fp8", "int8_wo")
 
 
 class RMSNorm(nn.Module):
@@ -37,8 +48,12 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def _linear(cfg_fp8: bool, i: int, o: int, bias: bool) -> nn.Module:
-    return FP8Linear(i, o, bias) if cfg_fp8 else nn.Linear(i, o, bias=bias)
+def _linear(quant: str | None, i: int, o: int, bias: bool) -> nn.Module:
+    if quant == "fp8":
+        return FP8Linear(i, o, bias)
+    if quant == "int8_wo":
+        return Int8Linear(i, o, bias)
+    return nn.Linear(i, o, bias=bias)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -47,7 +62,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, fp8: bool):
+    def __init__(self, cfg: ModelConfig, quant: str | None):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = (
             cfg.num_attention_heads,
@@ -55,9 +70,9 @@ class Attention(nn.Module):
             cfg.head_dim,
         )
         self.qkv_proj = _linear(
-            fp8, cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * self.head_dim, cfg.qkv_bias
+            quant, cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * self.head_dim, cfg.qkv_bias
         )
-        self.o_proj = _linear(fp8, self.n_heads * self.head_dim, cfg.hidden_size, cfg.o_bias)
+        self.o_proj = _linear(quant, self.n_heads * self.head_dim, cfg.hidden_size, cfg.o_bias)
         # buffers (not plain attributes) so torch.compile sees the in-place cache writes as buffer mutations
         self.register_buffer("k_cache", None, persistent=False)
         self.register_buffer("v_cache", None, persistent=False)
@@ -84,11 +99,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, fp8: bool):
+    def __init__(self, cfg: ModelConfig, quant: str | None):
         super().__init__()
         self.inter = cfg.intermediate_size
-        self.gate_up_proj = _linear(fp8, cfg.hidden_size, 2 * cfg.intermediate_size, False)
-        self.down_proj = _linear(fp8, cfg.intermediate_size, cfg.hidden_size, False)
+        self.gate_up_proj = _linear(quant, cfg.hidden_size, 2 * cfg.intermediate_size, False)
+        self.down_proj = _linear(quant, cfg.intermediate_size, cfg.hidden_size, False)
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).split([self.inter, self.inter], dim=-1)
@@ -96,25 +111,50 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, fp8: bool):
+    def __init__(self, cfg: ModelConfig, quant: str | None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, fp8)
+        self.self_attn = Attention(cfg, quant)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg, fp8)
+        self.mlp = MLP(cfg, quant)
 
     def forward(self, x, cos, sin, slots, positions, kv_len, mask):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, slots, positions, kv_len, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def forward_fast(self, x, delta, slots, positions, kv_len, inv_freq):
+        """The same block through the fused kernels on 2-D rows: (x, delta) [B*T, H] -> (x, delta), the
+        residual add of each block's MLP output deferred into the next block's first add_rmsnorm."""
+        a, mlp = self.self_attn, self.mlp
+        B, T = positions.shape
+        x, h = kernels.add_rmsnorm(x, delta, self.input_layernorm, kernels.act_scale(a.qkv_proj))
+        qkv = kernels.linear(h, a.qkv_proj)
+        q = kernels.rope_cache(
+            qkv.view(B, T, -1), positions, slots, inv_freq, a.k_cache, a.v_cache, a.n_heads, a.n_kv
+        )
+        o = kernels.attention(q, positions, slots, a.k_cache, a.v_cache, kv_len, kernels.act_scale(a.o_proj))
+        attn = kernels.linear(o.view(B * T, -1), a.o_proj)
+        x, h = kernels.add_rmsnorm(
+            x, attn, self.post_attention_layernorm, kernels.act_scale(mlp.gate_up_proj)
+        )
+        gu = kernels.linear(h, mlp.gate_up_proj)
+        act = kernels.silu_mul(gu, kernels.act_scale(mlp.down_proj))
+        return x, kernels.linear(act, mlp.down_proj)
+
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig, fp8: bool = False):
+    def __init__(self, config: ModelConfig, fp8: bool = False, *, quant: str | None = None):
+        """quant: None (plain), "fp8" (W8A8 FP8Linear) or "int8_wo" (Int8Linear); fp8=True means "fp8"."""
         super().__init__()
+        quant = quant or ("fp8" if fp8 else None)
+        if quant not in QUANT_KINDS:
+            raise ValueError(f"quant must be one of {QUANT_KINDS}, got {quant!r}")
         self.config = config
-        self.fp8 = fp8
+        self.quant = quant
+        self.fp8 = quant == "fp8"
+        self.fast_kernels = True  # use mathforge.engine.kernels where they apply (CUDA, bf16)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config, fp8) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(config, quant) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(
             config.hidden_size, config.vocab_size, bias=False
@@ -172,6 +212,19 @@ class Transformer(nn.Module):
         if self.layers and self.layers[0].self_attn.k_cache is None:
             raise RuntimeError("call setup_cache(max_slots, max_seq_len) before forward")
         x = self.embed_tokens(input_ids)
+        if self._fast(x):
+            B, T, H = x.shape
+            x2, delta = x.view(B * T, H), None
+            for layer in self.layers:
+                x2, delta = layer.forward_fast(x2, delta, slots, positions, kv_len, self.inv_freq)
+            h = kernels.add_rmsnorm(x2, delta, self.norm)[1].view(B, T, H)
+            hl = (
+                h
+                if logits_at is None
+                else torch.gather(h, 1, logits_at[..., None].expand(-1, -1, h.shape[-1]))
+            )
+            logits = self.logits(hl)
+            return (logits, h) if return_hidden else logits
         freqs = positions.float()[..., None] * self.inv_freq  # [B, T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [B, T, 1, D]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
@@ -184,6 +237,26 @@ class Transformer(nn.Module):
         logits = self.logits(hl)
         return (logits, h) if return_hidden else logits
 
+    def _fast(self, x: torch.Tensor) -> bool:
+        """The fused path, unless a module carries hooks (calibration observes each Linear's input)."""
+        return (
+            self.fast_kernels
+            and kernels.enabled_for(x)
+            and not any(m._forward_pre_hooks or m._forward_hooks for m in self.modules())
+        )
+
+    def uses_kv_len(self, num_tokens: int) -> bool:
+        """Whether a forward of `num_tokens` tokens per row depends on the kv_len argument (its shapes do).
+        False on the fast path whose decode attention reads positions on the device: a CUDA graph
+        captured at one kv_len then serves every kv_len."""
+        c = self.config
+        probe = torch.empty(0, dtype=self.dtype, device=self.device)
+        return not (
+            self.fast_kernels
+            and kernels.enabled_for(probe)
+            and kernels.attention_fast_ok(probe, c.num_attention_heads, c.num_key_value_heads, num_tokens)
+        )
+
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(
@@ -191,12 +264,12 @@ class Transformer(nn.Module):
     ) -> Transformer:
         path = Path(path)
         config = ModelConfig.from_pretrained(path)
-        quant = read_quant_config(path)
+        qc = read_quant_config(path)
+        quant = None if qc is None else ("fp8" if qc["quant_algo"] == "FP8" else "int8_wo")
         tensors = load_safetensors(path, device)  # straight onto the target device
-        fp8 = quant is not None
         with torch.device("meta"):
-            model = cls(config, fp8=fp8)
-        sd = _convert_state_dict(config, tensors, fp8, dtype)
+            model = cls(config, quant=quant)
+        sd = _convert_state_dict(config, tensors, quant, dtype)
         missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
         missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
         if missing or unexpected:
@@ -211,7 +284,8 @@ class Transformer(nn.Module):
 
 
 def read_quant_config(path: Path) -> dict | None:
-    """{"quant_algo": "FP8", "exclude_modules": [...]} for a ModelOpt FP8 checkpoint, None for a plain one.
+    """{"quant_algo": "FP8" | "W8A16", "exclude_modules": [...]} for a ModelOpt FP8 or an int8 weight-only
+    checkpoint, None for a plain one.
 
     Reads hf_quant_config.json, or else config.json's quantization_config with quant_method "modelopt"."""
     f = path / "hf_quant_config.json"
@@ -229,11 +303,13 @@ def read_quant_config(path: Path) -> dict | None:
                 f"the torch backend loads plain or ModelOpt FP8 checkpoints"
             )
         algo, kv, exclude = q.get("quant_algo"), q.get("kv_cache_scheme"), q.get("ignore")
-    if algo != "FP8":
-        raise UserError(f"{f}: quant_algo {algo!r} is not supported (only per-tensor 'FP8')")
+    if algo not in ("FP8", INT8_ALGO):
+        raise UserError(
+            f"{f}: quant_algo {algo!r} is not supported (per-tensor 'FP8', or '{INT8_ALGO}' int8 weight-only)"
+        )
     if kv not in (None, "FP8") and not (isinstance(kv, dict) and kv.get("num_bits") == 8):
         raise UserError(f"{f}: KV-cache quantisation {kv!r} is not supported")
-    return {"quant_algo": "FP8", "exclude_modules": list(exclude or ["lm_head"])}
+    return {"quant_algo": algo, "exclude_modules": list(exclude or ["lm_head"])}
 
 
 def load_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -260,15 +336,26 @@ def _st_device(device: str | torch.device) -> str:
 
 
 def _convert_state_dict(
-    cfg: ModelConfig, t: dict[str, torch.Tensor], fp8: bool, dtype: torch.dtype
+    cfg: ModelConfig, t: dict[str, torch.Tensor], quant: str | None, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
-    """HF names -> ours: fuse q/k/v and gate/up, cast floats to dtype, keep fp8 weights + fp32 scales."""
+    """HF names -> ours: fuse q/k/v and gate/up, cast floats to dtype, keep fp8/int8 weights + fp32 scales."""
     t = {k.removeprefix("model."): v for k, v in t.items()}
     sd: dict[str, torch.Tensor] = {}
+    fp8 = quant == "fp8"
 
     def fused(dst: str, srcs: list[str], bias: bool):
-        quantized = fp8 and f"{srcs[0]}.weight_scale" in t
-        if quantized:
+        quantized = quant is not None and f"{srcs[0]}.weight_scale" in t
+        if quantized and quant == "int8_wo":
+            # per-output-channel scales: fusing is concatenation, exact
+            ws = [t.pop(f"{s}.weight_scale").float().reshape(-1) for s in srcs]
+            ws_rows = [t[f"{s}.weight"].shape[0] for s in srcs]
+            if ws_rows != [w.numel() for w in ws] or any(t[f"{s}.weight"].dtype != torch.int8 for s in srcs):
+                raise UserError(
+                    f"{srcs[0]}: int8 weight-only needs int8 weights with one scale per output row"
+                )
+            sd[f"{dst}.weight"] = torch.cat([t.pop(f"{s}.weight") for s in srcs])
+            sd[f"{dst}.weight_scale"] = torch.cat(ws)
+        elif quantized:
             ws = [t.pop(f"{s}.weight_scale").float().reshape(()) for s in srcs]
             ins = [t.pop(f"{s}.input_scale").float().reshape(()) for s in srcs]
             w_scale = torch.stack(ws).max()
@@ -286,10 +373,10 @@ def _convert_state_dict(
             sd[f"{dst}.weight_scale"] = w_scale
             sd[f"{dst}.input_scale"] = torch.stack(ins).max()
         else:
-            if fp8:
+            if quant is not None:
                 raise UserError(
-                    f"FP8 checkpoint lacks {srcs[0]}.weight_scale: only checkpoints with every decoder "
-                    f"Linear quantised (lm_head excluded) are supported"
+                    f"{'FP8' if fp8 else 'int8'} checkpoint lacks {srcs[0]}.weight_scale: only checkpoints "
+                    f"with every decoder Linear quantised (lm_head excluded) are supported"
                 )
             sd[f"{dst}.weight"] = torch.cat([t.pop(f"{s}.weight").to(dtype) for s in srcs])
         if bias:

@@ -101,6 +101,11 @@ def filter_logits(logits: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
     return x
 
 
+def warped_probs(logits: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
+    """The distribution a sampled row draws from: softmax of the filtered logits [B, V] (float32)."""
+    return filter_logits(logits, sb).softmax(dim=-1)
+
+
 def sample(
     logits: torch.Tensor,
     sb: SamplingBatch,
@@ -118,8 +123,7 @@ def sample(
         logits = apply_repetition_penalty(logits, sb.repetition_penalty, seen)
     if sb.all_greedy:
         return logits.argmax(dim=-1)
-    x = filter_logits(logits, sb)
-    probs = x.softmax(dim=-1)
+    probs = warped_probs(logits, sb)
     noise = torch.ones_like(probs)
     for i in sb.sampled_rows:
         noise[i].exponential_(generator=generators[i])

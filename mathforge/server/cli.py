@@ -44,6 +44,25 @@ def register(subparsers) -> None:
         help="device (default: cuda when available, else cpu)",
     )
     p.add_argument(
+        "--drafter",
+        metavar="DIR",
+        default=None,
+        help="a ReDrafter directory (Apple layout: config.json + model.safetensors) trained for this "
+        "model: decode speculatively with it",
+    )
+    p.add_argument(
+        "--draft-len",
+        type=int,
+        default=3,
+        help="tokens the drafter proposes per step, verified in one forward (default: 3; needs --drafter)",
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="replay decode/verify steps from CUDA graphs captured at startup (default: on with --device cuda)",
+    )
+    p.add_argument(
         "--log-level",
         default="warning",
         choices=["critical", "error", "warning", "info", "debug"],
@@ -81,12 +100,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ):
         if value is not None and value < (0 if name == "--port" else 1):
             raise UserError(f"{name} must be positive, got {value}")
+    drafter = None
+    if args.drafter is not None:
+        from mathforge.drafter.model import Drafter
+
+        if not Path(args.drafter).is_dir():
+            raise UserError(f"--drafter {args.drafter} is not a directory")
+        drafter = Drafter.from_pretrained(args.drafter, device=device, dtype=getattr(torch, dtype))
+    if not 1 <= args.draft_len <= 16:
+        raise UserError(f"--draft-len must be between 1 and 16, got {args.draft_len}")
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
 
     engine = Engine.from_pretrained(
-        model_dir, max_slots=args.max_slots, max_model_len=args.max_model_len, dtype=dtype, device=device
+        model_dir,
+        max_slots=args.max_slots,
+        max_model_len=args.max_model_len,
+        dtype=dtype,
+        device=device,
+        drafter=drafter,
+        draft_len=args.draft_len,
+        cuda_graphs=args.cuda_graphs,
     )
     name = args.served_model_name or model_dir.resolve().name
     # the server's own tokenizer instance: the engine thread detokenizes with the engine's
@@ -94,7 +129,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(AsyncEngine(engine), tokenizer, served_model_name=name, model_dir=str(model_dir))
     print(
         f"mathforge serve: {name} on http://{args.host}:{args.port}/v1 (device={device}, dtype={dtype}, "
-        f"max_slots={engine.max_slots}, max_model_len={engine.max_model_len})",
+        f"max_slots={engine.max_slots}, max_model_len={engine.max_model_len}"
+        + (f", drafter={args.drafter}, draft_len={engine.draft_len}" if drafter is not None else "")
+        + ")",
         flush=True,
     )
     uvicorn.run(

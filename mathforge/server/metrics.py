@@ -1,7 +1,8 @@
 """Prometheus text exposition (format 0.0.4) for `/metrics`, without a client library.
 
-Gauges and token/request counters come from the engine's `stats()`; the server adds latency
-histograms (time to first token, end-to-end) and counters of HTTP errors by status code.
+Gauges and token/request counters come from the engine's `stats()` (with a drafter also the speculative
+decoding counters `mathforge_spec_decode_*`); the server adds latency histograms (time to first token,
+end-to-end) and counters of HTTP errors by status code.
 """
 
 from __future__ import annotations
@@ -131,6 +132,45 @@ class ServerMetrics:
             "Error responses, by HTTP status.",
             [(f'status="{c}"', n) for c, n in sorted(self.http_errors.items())] or [('status="400"', 0)],
         )
+        spec = s.get("speculative")
+        if spec:
+            verify = spec["verify_steps_total"]
+            metric(
+                "mathforge_spec_decode_draft_len",
+                "gauge",
+                "Tokens the drafter proposes per request and step (speculative decoding).",
+                [("", spec["draft_len"])],
+            )
+            metric(
+                "mathforge_spec_decode_verify_steps_total",
+                "counter",
+                "Verify forwards, counted per request (each emits 1 to draft_len + 1 tokens).",
+                [("", verify)],
+            )
+            metric(
+                "mathforge_spec_decode_draft_tokens_total",
+                "counter",
+                "Draft tokens proposed.",
+                [("", spec["draft_tokens_total"])],
+            )
+            metric(
+                "mathforge_spec_decode_accepted_tokens_total",
+                "counter",
+                "Draft tokens the target accepted.",
+                [("", spec["accepted_tokens_total"])],
+            )
+            metric(
+                "mathforge_spec_decode_emitted_tokens_total",
+                "counter",
+                "Tokens emitted by verify forwards (accepted drafts plus the target's own token).",
+                [("", spec["emitted_tokens_total"])],
+            )
+            metric(
+                "mathforge_spec_decode_accept_len_mean",
+                "gauge",
+                "Mean tokens emitted per verify forward since start (1 = no draft accepted).",
+                [("", round(spec["emitted_tokens_total"] / verify, 6) if verify else 0.0)],
+            )
         out += self.ttft.render(
             "mathforge_time_to_first_token_seconds", "Time from request arrival to its first generated token."
         )
