@@ -79,7 +79,9 @@ def test_h100_pools_carry_gpus_and_tensor_parallel_size():
 def test_deployed_build_runs_on_a_process_worker(prefect_server, tmp_path):
     home = tmp_path / "home"
     for pool, kind in POOLS.items():  # as the README says: deploying needs every pool to exist
-        prefect(prefect_server, "work-pool", "create", pool, "--type", kind, "--overwrite")
+        # the API call `prefect work-pool create` makes, without a CLI start-up per pool
+        r = httpx.post(f"{prefect_server}/work_pools/", json={"name": pool, "type": kind})
+        assert r.status_code in (201, 409), r.text
     prefect(prefect_server, "--no-prompt", "deploy", "--all")
     deployments = httpx.post(f"{prefect_server}/deployments/filter", json={}).json()
     names = {(d["name"], d["entrypoint"]) for d in deployments}
@@ -89,8 +91,16 @@ def test_deployed_build_runs_on_a_process_worker(prefect_server, tmp_path):
     kwargs = docker["job_variables"]["container_create_kwargs"]
     assert kwargs["device_requests"][0]["capabilities"] == [["gpu"]]
 
-    out = prefect(prefect_server, "deployment", "run", "build-engines/tiny", "--param", 'variants=["bf16"]')
-    assert "Created flow run" in out.stdout
+    build = next(
+        d
+        for d in deployments
+        if d["entrypoint"] == "flows/build_engines.py:build_engines" and d["name"] == "tiny"
+    )
+    run = httpx.post(  # what `prefect deployment run build-engines/tiny --param ...` sends
+        f"{prefect_server}/deployments/{build['id']}/create_flow_run",
+        json={"parameters": {"variants": ["bf16"]}},
+    )
+    assert run.status_code == 201, run.text
     prefect(
         prefect_server,
         "worker",

@@ -147,17 +147,3 @@ def test_deleted_artifact_is_rebuilt_not_a_stale_hit(home, preset, prefect_serve
     )
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert again["bf16"] == refs["bf16"]
-
-
-def test_evaluate_cli_prints_one_json_object_last(home, preset, prefect_server):
-    proc = mathforge(
-        home, prefect_server, "evaluate", "--preset", str(preset), "--variants", "bf16", "--no-tools"
-    )
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(result) == {"bf16"}
-    metrics = result["bf16"]
-    assert {"accuracy", "maj_at_k", "mean_tokens", "time_per_problem_s", "code_executions_mean"} <= set(
-        metrics
-    )
-    assert metrics["num_problems"] == 3 and metrics["code_executions_mean"] == 0  # --no-tools: no sandbox
-    assert 0 < metrics["mean_tokens"] <= 24

@@ -363,7 +363,7 @@ def test_bad_drafter_settings_are_refused(tiny_model_dir, base_config):
 
 
 def test_serve_with_drafter_reports_acceptance(tiny_model_dir, base_config, plain32, prompt_ids, tmp_path):
-    from tests._serve import start_server
+    from _serve import start_server
 
     torch.manual_seed(1)
     Drafter(DrafterConfig.for_base(base_config)).save_pretrained(tmp_path / "drafter", dtype=torch.float32)

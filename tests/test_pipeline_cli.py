@@ -1,6 +1,6 @@
-"""Two `mathforge build` processes with the same inputs at once: each artifact is built exactly once.
+"""CLI runs in their own MATHFORGE_HOME: two concurrent builds, and `mathforge evaluate`.
 
-Its own module (own MATHFORGE_HOME) so it runs beside test_pipeline.py on the other test worker.
+A module apart from test_pipeline.py so it runs beside it on the other test worker.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from _pipeline import REPO, small_preset
+from _pipeline import REPO, mathforge, small_preset
 
 pytestmark = pytest.mark.integration
 
@@ -40,3 +40,18 @@ def test_concurrent_builds_build_each_artifact_once(tmp_path, prefect_server):
     built = [e for e in events if e["event"] == "built"]
     kinds = sorted(e["kind"] for e in built)
     assert kinds == sorted(["checkpoint", "calibration", "fp8-checkpoint", "drafter"] + ["engine"] * 4), kinds
+
+
+def test_evaluate_cli_prints_one_json_object_last(tmp_path, prefect_server):
+    home, preset = tmp_path / "home", small_preset(tmp_path)
+    proc = mathforge(
+        home, prefect_server, "evaluate", "--preset", str(preset), "--variants", "bf16", "--no-tools"
+    )
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(result) == {"bf16"}
+    metrics = result["bf16"]
+    assert {"accuracy", "maj_at_k", "mean_tokens", "time_per_problem_s", "code_executions_mean"} <= set(
+        metrics
+    )
+    assert metrics["num_problems"] == 3 and metrics["code_executions_mean"] == 0  # --no-tools: no sandbox
+    assert 0 < metrics["mean_tokens"] <= 24
