@@ -26,6 +26,9 @@ class Progress:
         self.done = 0
         self.min_interval = min_interval
         self._last = 0.0
+        self._next_push = (
+            0.0  # Prefect updates are HTTP calls: spaced so they cost a few % of the work at most
+        )
         self._bar: Any = None
         self._task: Any = None
         self._artifact: Any = None
@@ -65,14 +68,18 @@ class Progress:
             self._last = now
             if self._bar is None:
                 print(f"{self.description}: {self.done}/{self.total}", file=sys.stderr, flush=True)
-            self._push()
+            if now >= self._next_push or self.done >= self.total:
+                self._push()
 
     def _push(self) -> None:
         if self._artifact is None:
             return
         from prefect.artifacts import update_progress_artifact
 
+        start = time.monotonic()
         update_progress_artifact(self._artifact, 100.0 * self.done / self.total)
+        took = time.monotonic() - start
+        self._next_push = start + max(2.0, 20 * took)
 
     def __call__(self, done: int, total: int | None = None) -> None:
         """Usable as a `progress(done, total)` callback by library code that knows nothing of us."""
