@@ -36,7 +36,7 @@ run: install
 # two workers: most integration time is servers starting up, which overlaps well on 2 cores
 TEST_WORKERS ?= 2
 test: install-dev
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: install-dev
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

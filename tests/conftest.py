@@ -89,26 +89,3 @@ def prefect_server(tmp_path_factory):
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-
-
-# The slowest modules (seconds on 2 cores, measured): run first, so with two xdist workers (`make test`:
-# --dist loadfile --no-loadscope-reorder) the long ones overlap and the short ones fill in at the end.
-_SLOW_FIRST = [
-    "test_pipeline.py",  # ~300: the four variants built, served, benchmarked, evaluated; then rebuilds
-    "test_deployments.py",  # ~110: prefect deploy --all and a process worker
-    "test_trtllm_pipeline.py",
-    "test_tracking.py",
-    "test_pipeline_cli.py",
-    "test_drafter_watch.py",
-    "test_artifacts_prefect.py",
-    "test_train.py",
-    "test_speculative.py",
-    "test_drafter.py",
-    "test_solve_integration.py",
-    "test_data.py",
-]
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(_SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
