@@ -80,10 +80,10 @@ def test_deployed_build_runs_on_a_process_worker(prefect_server, tmp_path):
     home = tmp_path / "home"
     for pool, kind in POOLS.items():  # as the README says: deploying needs every pool to exist
         # the API call `prefect work-pool create` makes, without a CLI start-up per pool
-        r = httpx.post(f"{prefect_server}/work_pools/", json={"name": pool, "type": kind})
+        r = httpx.post(f"{prefect_server}/work_pools/", json={"name": pool, "type": kind}, timeout=60)
         assert r.status_code in (201, 409), r.text
     prefect(prefect_server, "--no-prompt", "deploy", "--all")
-    deployments = httpx.post(f"{prefect_server}/deployments/filter", json={}).json()
+    deployments = httpx.post(f"{prefect_server}/deployments/filter", json={}, timeout=60).json()
     names = {(d["name"], d["entrypoint"]) for d in deployments}
     assert ("tiny", "flows/build_engines.py:build_engines") in names
     assert ("openmath-14b-docker", "flows/pipeline.py:pipeline") in names
@@ -99,6 +99,7 @@ def test_deployed_build_runs_on_a_process_worker(prefect_server, tmp_path):
     run = httpx.post(  # what `prefect deployment run build-engines/tiny --param ...` sends
         f"{prefect_server}/deployments/{build['id']}/create_flow_run",
         json={"parameters": {"variants": ["bf16"]}},
+        timeout=60,
     )
     assert run.status_code == 201, run.text
     prefect(
@@ -121,6 +122,7 @@ def test_deployed_build_runs_on_a_process_worker(prefect_server, tmp_path):
                 "id": {"any_": [d["id"] for d in deployments if d["entrypoint"].startswith("flows/build")]}
             },
         },
+        timeout=60,
     ).json()
     assert [r["state_type"] for r in runs] == ["COMPLETED"], json.dumps(runs, indent=1)[:3000]
     built = [json.loads(line) for line in (home / "artifacts" / "events.jsonl").read_text().splitlines()]

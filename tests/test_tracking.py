@@ -81,13 +81,15 @@ def test_mathforge_ui_serves_the_local_store(home):
         exp = httpx.get(
             f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name",
             params={"experiment_name": "exp-ui"},
+            timeout=60,  # a loaded 2-core machine: the server's first queries can take seconds
         ).json()["experiment"]
         found = httpx.post(
             f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search",
             json={"experiment_ids": [exp["experiment_id"]]},
+            timeout=60,
         ).json()
         assert [r["info"]["run_id"] for r in found["runs"]] == [parent]
-        assert httpx.get(f"http://127.0.0.1:{port}/").status_code == 200  # the UI itself
+        assert httpx.get(f"http://127.0.0.1:{port}/", timeout=60).status_code == 200  # the UI itself
 
 
 def test_pipeline_tags_carry_the_git_sha_and_host(home):

@@ -127,7 +127,9 @@ def test_trtllm_pipeline_builds_serves_benchmarks_and_tracks(tmp_path, prefect_s
     preset = trtllm_preset(tmp_path, write_drafter(tmp_path / "drafter"))
     env = fake_env(home, prefect_server, log)
     # this host's GPU slots (2 GPUs); strict: the run fails if the limit is missing
-    limit = httpx.post(f"{prefect_server}/v2/concurrency_limits/", json={"name": "gpu:fake-h100", "limit": 2})
+    limit = httpx.post(
+        f"{prefect_server}/v2/concurrency_limits/", json={"name": "gpu:fake-h100", "limit": 2}, timeout=60
+    )
     assert limit.status_code in (200, 201), limit.text
 
     # 1. build all three variants: exactly the generated commands ran, in the plan's order
@@ -189,7 +191,7 @@ def test_trtllm_pipeline_builds_serves_benchmarks_and_tracks(tmp_path, prefect_s
         assert (params["backend"], params["max_slots"], params["max_model_len"]) == ("trtllm", "4", "2048")
 
     # the per-host GPU limit was taken and given back
-    limits = httpx.post(f"{prefect_server}/v2/concurrency_limits/filter", json={}).json()
+    limits = httpx.post(f"{prefect_server}/v2/concurrency_limits/filter", json={}, timeout=60).json()
     assert next(lim for lim in limits if lim["name"] == "gpu:fake-h100")["active_slots"] == 0
 
     # 3. the ReDrafter engine through the same serve interface: trtllm-serve reports its acceptance length
