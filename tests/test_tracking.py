@@ -75,7 +75,7 @@ def test_mathforge_ui_serves_the_local_store(home):
         health_url=f"http://127.0.0.1:{port}/health",
         log_file=home / "ui.log",
         env=env,
-        startup_timeout=180,
+        startup_timeout=480,  # MLflow's server starts slowly on 2 busy cores (once > 180 s in CI)
         name="mlflow ui",
     ):
         exp = httpx.get(
