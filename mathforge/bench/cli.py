@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 
 
-def _levels(text: str) -> list[int]:
+def positive_ints(text: str) -> list[int]:
+    """argparse type for `1,8,32`: concurrency levels, batch sizes."""
     try:
-        levels = [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not levels or any(c < 1 for c in levels):
-        raise argparse.ArgumentTypeError(f"concurrency levels must be positive integers, got {text!r}")
-    return levels
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
 
 
 def register(subparsers) -> None:
@@ -31,7 +32,7 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--concurrency",
-        type=_levels,
+        type=positive_ints,
         default=[1, 4, 8],
         help="comma-separated concurrency levels (default 1,4,8)",
     )

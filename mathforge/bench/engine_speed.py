@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mathforge.bench.cli import positive_ints
 from mathforge.errors import UserError
 
 if TYPE_CHECKING:
@@ -792,16 +793,6 @@ def print_table(res: dict[str, Any]) -> None:
             print(f"{r['variant']:8s} prefill {r['prefill_tokens']} tok: {r['prefill_tok_s']:.0f} tok/s")
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        out = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not out or any(v < 1 for v in out):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return out
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "bench-engine",
@@ -821,7 +812,7 @@ def register(subparsers) -> None:
         help="bf16,fp8,int8_wo",
     )
     p.add_argument(
-        "--batch-sizes", type=_ints, default=[1, 8, 32], help="decode batch sizes (default 1,8,32)"
+        "--batch-sizes", type=positive_ints, default=[1, 8, 32], help="decode batch sizes (default 1,8,32)"
     )
     p.add_argument("--context", type=int, default=1024, help="tokens in each row's context (default 1024)")
     p.add_argument(
@@ -843,7 +834,7 @@ def register(subparsers) -> None:
     p.add_argument("--gemv", action="store_true", help="GEMV table: cuBLAS / _scaled_mm / Triton at M=1..32")
     p.add_argument(
         "--profile",
-        type=_ints,
+        type=positive_ints,
         default=[],
         metavar="B,...",
         help="torch.profiler breakdown at these batch sizes",

@@ -38,7 +38,26 @@ def dequantize_tensor(
     return (q.float() * s).to(dtype)
 
 
-class FP8Linear(nn.Module):
+class KernelLinear(nn.Module):
+    """A quantised Linear: BF16 inputs go through mathforge.engine.kernels.linear (on CUDA with few rows,
+    the faster of a Triton GEMV and the library matmul for this shape), others through `_eager`."""
+
+    out_features: int
+
+    def _eager(self, x2: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from mathforge.engine import kernels
+
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.dtype != torch.bfloat16:
+            return self._eager(x2).reshape(*shape[:-1], self.out_features)
+        return kernels.linear(x2, self).reshape(*shape[:-1], self.out_features)
+
+
+class FP8Linear(KernelLinear):
     """y = (sat(x / input_scale) @ W_fp8^T) * input_scale * weight_scale + bias, output in x's dtype."""
 
     def __init__(
@@ -112,17 +131,6 @@ class FP8Linear(nn.Module):
             if self.bias is not None:
                 y = y + self.bias.float()
         return y.to(x2.dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # few rows (decode) on CUDA: the faster of a Triton GEMV and _scaled_mm for this shape
-        # (mathforge.engine.kernels.linear); otherwise _scaled_mm
-        from mathforge.engine import kernels
-
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if x2.dtype != torch.bfloat16:
-            return self._eager(x2).reshape(*shape[:-1], self.out_features)
-        return kernels.linear(x2, self).reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8_e4m3"

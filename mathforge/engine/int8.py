@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from mathforge.engine.fp8 import KernelLinear
 from mathforge.errors import UserError
 
 INT8_ALGO = "W8A16"
@@ -49,7 +50,7 @@ def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(KernelLinear):
     """y = (x @ W_int8^T) * weight_scale + bias, output in x's dtype."""
 
     def __init__(
@@ -98,15 +99,6 @@ class Int8Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x2.dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from mathforge.engine import kernels
-
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if x2.dtype != torch.bfloat16:
-            return self._eager(x2).reshape(*shape[:-1], self.out_features)
-        return kernels.linear(x2, self).reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8 weight-only"
