@@ -17,14 +17,16 @@ $(BIN)/activate:
 	$(BIN)/pip install -q --upgrade pip
 
 # uv installs the rest in parallel (pip takes minutes for ~180 packages on 2 cores); it keeps the torch above.
+# --compile-bytecode: uv writes no .pyc by default, and where PYTHONDONTWRITEBYTECODE is set (CI) every
+# process would compile prefect/mlflow/transformers from source at each start (import prefect: 11 s CPU, not 2.5)
 $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 	$(BIN)/pip install -q torch==2.13.0 uv
-	$(BIN)/uv pip install -q --python $(BIN)/python -e .
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -e .
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/activate
 	$(BIN)/pip install -q torch==2.13.0 uv
-	$(BIN)/uv pip install -q --python $(BIN)/python -e ".[dev]"
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -e ".[dev]"
 	touch $(VENV)/.installed $@
 
 install: $(VENV)/.installed

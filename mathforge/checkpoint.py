@@ -199,3 +199,18 @@ def materialize_checkpoint(source: ModelSource, out_dir: Path) -> None:
     for name in files:
         shutil.copyfile(src / name, out_dir / name)  # follows the cache's symlinks into blobs/
     validate_checkpoint_dir(out_dir, what=what)
+
+
+def load_tokenizer(model_dir: str | Path):
+    """A checkpoint's tokenizer, the way each process that serves or prepares data loads it.
+
+    With a tokenizer.json (every Qwen2/Llama-family checkpoint we target) the tokenizers-backed fast class is
+    built from it directly; AutoTokenizer first resolves the model's own class, which imports transformers'
+    whole model registry: ~2 s of every server and CLI start on 2 cores, for the same tokenizer."""
+    if (Path(model_dir) / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))

@@ -134,7 +134,7 @@ def calibrate_fp8(
 
     dtype of the calibration forward: float32 on CPU, bfloat16 on CUDA unless given. Returns a summary.
     """
-    from transformers import AutoTokenizer
+    from mathforge.checkpoint import load_tokenizer
 
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     if read_quant_config(checkpoint_dir) is not None:
@@ -142,7 +142,7 @@ def calibrate_fp8(
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     texts = read_calibration_texts(Path(calibration_parquet), num_samples)
-    tok = AutoTokenizer.from_pretrained(str(checkpoint_dir))
+    tok = load_tokenizer(checkpoint_dir)
     # the texts are already chat-template rendered: no extra BOS/special tokens
     batches = [
         ids[:max_seq_len] for ids in (tok(t, add_special_tokens=False)["input_ids"] for t in texts) if ids

@@ -175,3 +175,26 @@ def test_validation_errors(tmp_path, tiny_model_dir):
         ck.resolve_model_source(str(tiny_model_dir / "config.json"))
     with pytest.raises(UserError, match="not a Hugging Face repo id"):
         ck.resolve_model_source("bad id with spaces")
+
+
+def test_load_tokenizer_equals_autotokenizer(tiny_model_dir):
+    """The fast path (straight from tokenizer.json) tokenizes and renders chats exactly like AutoTokenizer."""
+    from transformers import AutoTokenizer
+
+    ours, auto = ck.load_tokenizer(tiny_model_dir), AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    texts = [
+        "What is 2 + 3? Put the answer in \\boxed{}.",
+        "<tool_call>\nprint(7 * 6)\n</tool_call>\n```output\n42\n```",
+        "<|im_start|>user\nhi<|im_end|>\n  trailing   spaces\t",
+    ]
+    for text in texts:
+        assert ours(text)["input_ids"] == auto(text)["input_ids"]
+        ids = auto(text)["input_ids"]
+        assert ours.decode(ids, skip_special_tokens=True) == auto.decode(ids, skip_special_tokens=True)
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": texts[0]}]
+    kw = {"tokenize": False, "add_generation_prompt": True}
+    assert ours.apply_chat_template(chat, **kw) == auto.apply_chat_template(chat, **kw)
+    assert (ours.eos_token, ours.pad_token, len(ours)) == (auto.eos_token, auto.pad_token, len(auto))
+    assert ours.convert_tokens_to_ids(["<tool_call>", "</tool_call>"]) == auto.convert_tokens_to_ids(
+        ["<tool_call>", "</tool_call>"]
+    )

@@ -226,8 +226,7 @@ def build_calibration(
     revision: str | None = None,
 ) -> dict:
     """Write `out_dir/calibration.parquet` (column `text`) and return a JSON-able summary of what went in."""
-    from transformers import AutoTokenizer
-
+    from mathforge.checkpoint import load_tokenizer
     from mathforge.data.prompts import render_chat, render_chat_with_response
 
     source = str(source)
@@ -257,7 +256,7 @@ def build_calibration(
     if not chosen:
         raise UserError(f"calibration source {source} has no usable rows (column {problem_field!r} is empty)")
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer = load_tokenizer(tokenizer_dir)
     texts = []
     for row in chosen:
         problem = str(row[problem_field])

@@ -99,13 +99,12 @@ def pick_device(device: str | None) -> torch.device:
 
 def load_base(base_dir: str | Path, device: torch.device):
     """The frozen base as the engine serves it (bf16), its tokenizer and its eos ids."""
-    from transformers import AutoTokenizer
-
+    from mathforge.checkpoint import load_tokenizer
     from mathforge.engine.engine import load_eos_token_ids
     from mathforge.engine.model import Transformer
 
     base = Transformer.from_pretrained(Path(base_dir), device=device, dtype=torch.bfloat16)
-    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    tokenizer = load_tokenizer(base_dir)
     return base, tokenizer, load_eos_token_ids(base_dir, tokenizer)
 
 

@@ -110,7 +110,7 @@ class ModelConfig:
     def inv_freq(self) -> torch.Tensor:
         """RoPE inverse frequencies [head_dim/2], float32, with the configured scaling applied."""
         d = self.head_dim
-        inv = 1.0 / (self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        inv = 1.0 / (self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
         s = self.rope_scaling
         if s is None:
             return inv

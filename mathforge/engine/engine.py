@@ -255,8 +255,7 @@ class Engine:
         """`drafter`: a ReDrafter directory (Apple layout) or a loaded Drafter; `draft_len` goes in kwargs.
         `cuda_graphs` (default: on for CUDA): decode and verify steps replay CUDA graphs
         (`mathforge.engine.graphs.CUDAGraphRunner`), captured here for every decode batch bucket."""
-        from transformers import AutoTokenizer
-
+        from mathforge.checkpoint import load_tokenizer
         from mathforge.engine.model import Transformer
 
         model_dir = Path(model_dir)
@@ -267,7 +266,7 @@ class Engine:
             from mathforge.drafter.model import Drafter
 
             drafter = Drafter.from_pretrained(drafter, device=device, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        tokenizer = load_tokenizer(model_dir)
         eos = load_eos_token_ids(model_dir, tokenizer)
         on_cuda = torch.device(device).type == "cuda"
         if cuda_graphs and not on_cuda:

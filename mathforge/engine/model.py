@@ -153,7 +153,10 @@ class Transformer(nn.Module):
         self.quant = quant
         self.fp8 = quant == "fp8"
         self.fast_kernels = True  # use mathforge.engine.kernels where they apply (CUDA, bf16)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        weight = torch.empty(config.vocab_size, config.hidden_size)
+        if weight.device.type != "meta":  # on meta, normal_ imports torch._dynamo: seconds of every start
+            nn.init.normal_(weight)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight)
         self.layers = nn.ModuleList(Block(config, quant) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(

@@ -77,8 +77,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import torch
     import uvicorn
-    from transformers import AutoTokenizer
 
+    from mathforge.checkpoint import load_tokenizer
     from mathforge.engine.async_engine import AsyncEngine
     from mathforge.engine.engine import Engine
     from mathforge.errors import UserError
@@ -125,7 +125,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     name = args.served_model_name or model_dir.resolve().name
     # the server's own tokenizer instance: the engine thread detokenizes with the engine's
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = load_tokenizer(model_dir)
     app = create_app(AsyncEngine(engine), tokenizer, served_model_name=name, model_dir=str(model_dir))
     print(
         f"mathforge serve: {name} on http://{args.host}:{args.port}/v1 (device={device}, dtype={dtype}, "

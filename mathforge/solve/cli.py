@@ -79,9 +79,8 @@ def cmd_solve(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from transformers import AutoTokenizer
-
     from mathforge import paths
+    from mathforge.checkpoint import load_tokenizer
     from mathforge.data.problems import load_problems
     from mathforge.data.prompts import render_chat
     from mathforge.errors import UserError
@@ -94,7 +93,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
     if not problems:
         raise UserError("no problems to solve")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        tokenizer = load_tokenizer(args.tokenizer)
     except Exception as exc:
         raise UserError(f"cannot load a tokenizer from {args.tokenizer}: {exc}") from exc
     tools = args.sandbox_url is not None

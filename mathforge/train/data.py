@@ -173,7 +173,8 @@ def encode_records(
 def _tokenizers(model_dir: str):
     """(transformers tokenizer for the chat template, `tokenizers.Tokenizer` for batch encoding)."""
     from tokenizers import Tokenizer
-    from transformers import AutoTokenizer
+
+    from mathforge.checkpoint import load_tokenizer
 
     fast = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
-    return AutoTokenizer.from_pretrained(model_dir), fast
+    return load_tokenizer(model_dir), fast
