@@ -135,9 +135,10 @@ class FP8Linear(KernelLinear):
     def _widened_weight(self) -> torch.Tensor:
         """The fp8 weight as float32, widened once per weight version: on CPU the fp8 -> float32 cast is
         scalar code (~7 ns an element), and re-widening every step made fp8 decode ~4x slower than fp32."""
-        key = (self.weight.data_ptr(), self.weight._version)
+        w = self.weight
+        key = (w.data_ptr(), None if w.is_inference() else w._version)  # inference tensors have no version
         if getattr(self, "_widened_key", None) != key:
-            self._widened, self._widened_key = self.weight.float(), key
+            self._widened, self._widened_key = w.float(), key
         return self._widened
 
     def extra_repr(self) -> str:
