@@ -5,7 +5,9 @@
 
 1. Greedy equality: the engine with and without the drafter on the benchmark prompts, token for token, with
    the default verify layout and with single-token verify rows (`verify_rows=True`).
-2. `mathforge serve` per variant (bf16, fp8, bf16+redrafter, fp8+redrafter; CUDA graphs on) and the
+2. Drafting from CUDA graphs vs eager drafting: the in-process engine generates the same requests both ways
+   (and without a drafter), in interleaved rounds, at each `--engine-batch`; output tok/s and the ratio.
+3. `mathforge serve` per variant (bf16, fp8, bf16+redrafter, fp8+redrafter; CUDA graphs on) and the
    benchmark client at each concurrency, requests stopping at EOS (the drafter was trained on real
    solutions, not on what a model writes after its answer).
 """
@@ -24,17 +26,17 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from mathforge.bench.cli import positive_ints  # noqa: E402
 from mathforge.bench.run import run_benchmark_sync  # noqa: E402
 from mathforge.serving import ServerProcess, free_port, mathforge_argv  # noqa: E402
 
 
 def prompts_for(model_dir: Path, n: int) -> list[str]:
-    from transformers import AutoTokenizer
-
+    from mathforge.checkpoint import load_tokenizer
     from mathforge.data.problems import load_problems
     from mathforge.data.prompts import render_chat
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = load_tokenizer(model_dir)
     return [render_chat(tok, p.problem, tools=True) for p in load_problems("tiny", split="test")][:n]
 
 
@@ -79,6 +81,51 @@ def greedy_equality(weights: Path, drafter: Path, prompts: list[str], max_tokens
     return out
 
 
+def drafting_graphs_ab(
+    weights: Path, drafter: Path, prompts: list[str], max_tokens: int, device: str, batches: list[int]
+) -> dict:
+    """Output tok/s of the engine generating `prompts` in batches of B, greedy: without a drafter, with the
+    drafter's steps eager, with them replayed from graphs (the verify forward is graph-replayed in both).
+    Two interleaved rounds each; the better round counts."""
+    import time
+
+    from mathforge.engine.api import SamplingParams
+    from mathforge.engine.engine import Engine
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    kw = {"device": device, "max_slots": max(batches), "max_model_len": 1024}
+    engines = {"plain": Engine.from_pretrained(weights, **kw)}
+    engines["spec"] = Engine.from_pretrained(weights, drafter=drafter, draft_len=3, **kw)
+    graphs = engines["spec"].draft_graphs
+    ids = [engines["plain"].tokenizer.encode(p) for p in prompts]
+
+    def run(mode: str, B: int) -> float:
+        eng = engines["plain" if mode == "plain" else "spec"]
+        eng.draft_graphs = graphs if mode == "draft_graphs" else None
+        eng.generate(ids[:B], params)  # warm-up of this batch shape
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start, n = time.perf_counter(), 0
+        for i in range(0, len(ids), B):
+            n += sum(len(o.token_ids) for o in eng.generate(ids[i : i + B], params))
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return n / (time.perf_counter() - start)
+
+    out = {}
+    for B in batches:
+        best: dict[str, float] = {}
+        for _ in range(2):
+            for mode in ("plain", "draft_eager", "draft_graphs"):
+                best[mode] = max(best.get(mode, 0.0), run(mode, B))
+        best["graphs_vs_eager"] = best["draft_graphs"] / best["draft_eager"]
+        best["graphs_vs_plain"] = best["draft_graphs"] / best["plain"]
+        out[f"batch_{B}"] = best
+        print(weights.name, f"B={B}", {k: round(v, 3) for k, v in best.items()}, flush=True)
+    engines["spec"].draft_graphs = graphs
+    return out
+
+
 def serve_and_bench(name: str, weights: Path, extra: list[str], prompts: list[str], args, logs: Path) -> dict:
     port = free_port()
     argv = mathforge_argv(
@@ -104,7 +151,8 @@ def main() -> None:
     ap.add_argument("--fp8", type=Path, required=True)
     ap.add_argument("--drafter", type=Path, required=True)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--concurrency", type=lambda s: [int(c) for c in s.split(",")], default=[1, 8, 32])
+    ap.add_argument("--concurrency", type=positive_ints, default=[1, 8, 32])
+    ap.add_argument("--engine-batch", type=positive_ints, default=[1, 8], help="batch sizes of step 2")
     ap.add_argument("--num-prompts", type=int, default=48)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--out", type=Path, required=True)
@@ -120,11 +168,16 @@ def main() -> None:
         },
         "drafter": json.loads((args.drafter / "config.json").read_text()),
         "equality": {},
+        "drafting_graphs": {},
         "variants": {},
     }
     for name, w in (("bf16", args.bf16), ("fp8", args.fp8)):
         result["equality"][name] = greedy_equality(w, args.drafter, prompts[:16], 128, args.device)
         print(name, "greedy equality:", result["equality"][name], flush=True)
+    for name, w in (("bf16", args.bf16), ("fp8", args.fp8)):
+        result["drafting_graphs"][name] = drafting_graphs_ab(
+            w, args.drafter, prompts[:16], args.max_tokens, args.device, args.engine_batch
+        )
     logs = Path(tempfile.mkdtemp(prefix="spec-serve-"))
     spec = ["--drafter", str(args.drafter), "--draft-len", "3"]
     for name, w, extra in (

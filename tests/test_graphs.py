@@ -23,7 +23,7 @@ from mathforge.engine import kernels
 from mathforge.engine.api import SamplingParams
 from mathforge.engine.config import ModelConfig
 from mathforge.engine.engine import Engine, decode_buckets
-from mathforge.engine.graphs import CUDAGraphRunner
+from mathforge.engine.graphs import CUDAGraphRunner, GraphedFunction
 from mathforge.engine.model import Transformer
 
 CFG = dict(
@@ -111,6 +111,29 @@ def test_warmup_captures_buckets_ahead_only_when_kv_free():
     with pytest.raises(ValueError, match="CUDA device"):
         CUDAGraphRunner(m, batch_sizes=[1], backend="cuda")
     assert CUDAGraphRunner(m, batch_sizes=[1]).backend == "none"
+
+
+def test_graphed_function_replays_per_shape_into_static_outputs():
+    w = torch.randn(8, 8)
+    calls = []
+
+    def fn(x, t):
+        calls.append(x.shape)
+        return (x @ w).argmax(-1) + t
+
+    g = GraphedFunction(fn, backend="eager-replay")
+    x1, x2, t = torch.randn(2, 8), torch.randn(2, 8), torch.tensor([0, 100])
+    assert torch.equal(g(x1, t), fn(x1, t))  # first call: eager, then captured
+    out = g(x2, t)
+    assert torch.equal(out, (x2 @ w).argmax(-1) + t) and g.replays == 1
+    assert g(x1, t) is out and torch.equal(out, (x1 @ w).argmax(-1) + t)  # the static output, refreshed
+    g(torch.randn(3, 8), torch.zeros(3, dtype=torch.long))  # a new shape: its own graph
+    assert len(g.graphs) == 2 and g.eager_calls == 2
+    never = GraphedFunction(fn, backend="none")
+    never(x1, t), never(x2, t)
+    assert not never.graphs and never.eager_calls == 2
+    with pytest.raises(ValueError, match="backend"):
+        GraphedFunction(fn, backend="gpu")
 
 
 def test_engine_with_graph_runner_generates_the_same_tokens(tiny_model_dir):

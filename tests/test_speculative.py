@@ -57,6 +57,23 @@ class TableDrafter(Drafter):
         return torch.tensor(rows, dtype=torch.int64, device=token.device)
 
 
+class TensorTableDrafter(TableDrafter):
+    """The same table as a tensor: drafting with device ops only, as a CUDA graph captures it."""
+
+    def __init__(self, config: DrafterConfig, table: dict[int, int]):
+        super().__init__(config, table)
+        lookup = torch.zeros(config.vocab_size, dtype=torch.int64)
+        lookup[list(table)] = torch.tensor(list(table.values()))
+        self.register_buffer("lookup", lookup)
+
+    @torch.no_grad()
+    def draft(self, hidden, token, embed, k):
+        drafts = [token]
+        for _ in range(k):
+            drafts.append(self.lookup[drafts[-1]])
+        return torch.stack(drafts[1:], dim=1)
+
+
 def next_token_table(outputs: list[list[int]]) -> dict[int, int]:
     table: dict[int, int] = {}
     for ids in outputs:
@@ -201,6 +218,28 @@ def test_requests_joining_mid_way(spec32, prompt_ids, ref32):
             got.setdefault(out.request_id, []).extend(out.token_ids)
         step += 1
     assert {rid: toks for rid, toks in got.items()} == {f"join-{i}": ref32[i].token_ids for _, i in order}
+
+
+def test_drafting_from_graphs_equals_eager_drafting(
+    tiny_model_dir, base_config, table_drafter, prompt_ids, ref32
+):
+    """Drafts replayed from graphs (eager-replay backend: the real buffer plumbing, no GPU) are the eager
+    drafts: same tokens and the same accepted runs; a stale input buffer would change the drafts."""
+    drafter = TensorTableDrafter(DrafterConfig.for_base(base_config), table_drafter.table)
+    eager, graphed = (
+        make_engine(tiny_model_dir, drafter=drafter),
+        make_engine(tiny_model_dir, drafter=drafter),
+    )
+    graphed.use_draft_graphs("eager-replay")
+    graphs = graphed.draft_graphs
+    assert len(graphs.graphs) == graphs.eager_calls == len(graphed.buckets)  # captured ahead, per bucket
+    a, b = eager.generate(prompt_ids, GREEDY), graphed.generate(prompt_ids, GREEDY)
+    assert [o.token_ids for o in b] == [r.token_ids for r in ref32]
+    assert [o.accept_lens for o in b] == [o.accept_lens for o in a]
+    assert max(n for o in b for n in o.accept_lens) == K + 1
+    assert graphs.replays > 0 and graphs.eager_calls == len(graphed.buckets)  # every step replayed
+    graphed.use_draft_graphs("none")
+    assert graphed.draft_graphs is None
 
 
 def test_block_layout_float32_equals_plain(tiny_model_dir, table_drafter, prompt_ids, ref32):

@@ -38,6 +38,7 @@ import torch
 
 from mathforge.engine.api import EngineInputError, RequestOutput, SamplingParams
 from mathforge.engine.detok import IncrementalDetokenizer
+from mathforge.engine.graphs import GraphedFunction
 from mathforge.engine.sampling import SamplingBatch, make_generator, sample, to_device
 from mathforge.engine.speculative import MAX_DRAFT_LEN, SpecBatch, verify_positions
 from mathforge.errors import UserError
@@ -155,6 +156,8 @@ class Engine:
             else None
         )
         self._spec_batch: tuple[tuple, SpecBatch] | None = None
+        # the drafting steps as graphs per batch bucket (`use_draft_graphs`), like the runner's forwards
+        self.draft_graphs: GraphedFunction | None = None
 
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
@@ -297,6 +300,7 @@ class Engine:
                 else:
                     runner.token_counts.add(k1)
                 runner.warmup(slot=engine.scratch_slot, return_hidden=True)
+                engine.use_draft_graphs(runner.backend)
         return engine
 
     # ------------------------------------------------------------------ requests
@@ -582,7 +586,25 @@ class Engine:
 
     def _draft(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """The one place the engine calls the drafter: hidden [B, H], tokens [B] -> drafts [B, k]."""
+        if self.draft_graphs is not None:
+            return self.draft_graphs(hidden, tokens)
+        return self._draft_eager(hidden, tokens)
+
+    def _draft_eager(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return self.drafter.draft(hidden, tokens, self.model.embed_tokens, self.draft_len)
+
+    @torch.inference_mode()
+    def use_draft_graphs(self, backend: str = "cuda") -> None:
+        """Draft from graphs captured now for every decode batch bucket (largest first); "none": eagerly."""
+        if self.drafter is None or backend == "none":
+            self.draft_graphs = None
+            return
+        self.draft_graphs = GraphedFunction(self._draft_eager, backend=backend)
+        for B in sorted(self.buckets, reverse=True):
+            hidden = torch.zeros(
+                B, self.model.config.hidden_size, dtype=self._hidden.dtype, device=self.device
+            )
+            self.draft_graphs(hidden, torch.zeros(B, dtype=torch.long, device=self.device))
 
     def _spec_decode(self, reqs: list[_Request]) -> torch.Tensor:
         """Draft k tokens per request, verify them in one forward, accept; -> [n, 1 + k + 1] int64 rows of
