@@ -257,7 +257,8 @@ class Engine:
     ) -> Engine:
         """`drafter`: a ReDrafter directory (Apple layout) or a loaded Drafter; `draft_len` goes in kwargs.
         `cuda_graphs` (default: on for CUDA): decode and verify steps replay CUDA graphs
-        (`mathforge.engine.graphs.CUDAGraphRunner`), captured here for every decode batch bucket."""
+        (`mathforge.engine.graphs.CUDAGraphRunner`), and so do the drafter's steps (`use_draft_graphs`),
+        captured here for every decode batch bucket."""
         from mathforge.checkpoint import load_tokenizer
         from mathforge.engine.model import Transformer
 

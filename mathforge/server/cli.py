@@ -60,7 +60,7 @@ def register(subparsers) -> None:
         "--cuda-graphs",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="replay decode/verify steps from CUDA graphs captured at startup (default: on with --device cuda)",
+        help="replay decode, draft and verify steps from CUDA graphs captured at startup (default: on with --device cuda)",
     )
     p.add_argument(
         "--log-level",
