@@ -34,7 +34,7 @@ def test_bench_engine_cpu_json(tmp_path, capsys):
     out = tmp_path / "r.json"
     args = ["bench-engine", "--config", "openmath-14b", *SMALL, "--batch-sizes", "1,2", "--context", "24"]
     args += ["--prefill-tokens", "8", "--iters", "1", "--bandwidth-bytes", "4000000", "--out", str(out)]
-    args += ["--verify-tokens", "3"]
+    args += ["--verify-tokens", "3", "--draft-layers", "1"]
     assert main(args) == 0
     res = json.loads(out.read_text())
     printed = capsys.readouterr().out
@@ -66,6 +66,14 @@ def test_bench_engine_cpu_json(tmp_path, capsys):
     assert {r["variant"] for r in res["results"] if "prefill_tok_s" in r} == set(es.VARIANTS)
     verify = [r for r in res["results"] if "verify_step_ms" in r]
     assert len(verify) == 6 and all(r["logits_finite"] and r["verify_tokens"] == 3 for r in verify)
+    drafts = [r for r in res["results"] if "draft_ms_eager" in r]
+    assert {(r["variant"], r["batch"]) for r in drafts} == {(v, b) for v in es.VARIANTS for b in (1, 2)}
+    for d in drafts:  # (verify + draft) / plain step, of the same variant and batch
+        (v,) = [r for r in verify if (r["variant"], r["batch"]) == (d["variant"], d["batch"])]
+        (p,) = [r for r in rows if (r["variant"], r["batch"]) == (d["variant"], d["batch"])]
+        assert d["draft_len"] == 2 and d["draft_layers"] == 1 and d["draft_ms_eager"] > 0
+        expected = (v["verify_step_ms"] + d["draft_ms_eager"]) / p["step_ms"]
+        assert d["break_even_tokens_per_step"] == pytest.approx(expected, rel=1e-2)
 
 
 def test_weight_bytes_match_the_parameter_count():
@@ -106,3 +114,4 @@ def test_bad_shape_arguments():
     assert (
         main(["bench-engine", "--variants", "bf17", "--device", "cpu", "--bandwidth-bytes", "1000000"]) == 2
     )
+    assert main(["bench-engine", "--draft-layers", "2", "--device", "cpu"]) == 2  # needs --verify-tokens

@@ -287,6 +287,31 @@ def bench_decode(
     return ms, finite
 
 
+def bench_draft(
+    model, cfg: ModelConfig, batch: int, k: int, layers: int, *, graphs: bool, iters: int
+) -> float:
+    """Step time of a ReDrafter drafter of this base's shape (random weights, `layers` ResBlocks) drafting
+    k greedy tokens for `batch` rows, as the engine calls it: from a CUDA graph when `graphs`."""
+    import torch
+
+    from mathforge.drafter.model import Drafter, DrafterConfig
+    from mathforge.engine.graphs import GraphedFunction
+
+    dev, dtype = model.device, model.embed_tokens.weight.dtype
+    torch.manual_seed(0)
+    with torch.device(dev):  # initialised where it runs: a 14B drafter's lm_head is 1.6B parameters
+        drafter = Drafter(DrafterConfig.for_base(cfg, num_draft_layers=layers)).to(dtype).eval()
+    hidden = torch.randn(batch, cfg.hidden_size, device=dev, dtype=dtype)
+    tokens = torch.randint(0, cfg.vocab_size, (batch,), device=dev)
+
+    def draft(h, t):
+        return drafter.draft(h, t, model.embed_tokens, k)
+
+    call = GraphedFunction(draft) if graphs and dev.type == "cuda" else draft
+    with torch.inference_mode():
+        return time_ms(lambda: call(hidden, tokens), dev, iters=iters, warmup=2)
+
+
 def bench_prefill(model, cfg: ModelConfig, tokens: int, *, iters: int = 3) -> float:
     import torch
 
@@ -657,6 +682,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"saved a random-weight checkpoint of this shape to {args.save}", flush=True)
         if args.save_only:
             return {}
+    if args.draft_layers and args.verify_tokens < 2:
+        raise UserError("--draft-layers needs --verify-tokens K1 with K1 >= 2 (the draft length + 1)")
     variants = args.variants
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
@@ -734,6 +761,28 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             )
             print(
                 f"{variant:8s} B={B:<3d} verify of {args.verify_tokens} tokens/row: {ms:8.3f} ms", flush=True
+            )
+        for B in args.batch_sizes if args.verify_tokens and args.draft_layers else []:
+            row = {"variant": variant, "batch": B, "draft_len": args.verify_tokens - 1}
+            row["draft_layers"] = args.draft_layers
+            for graphs in (False, True) if device.type == "cuda" and not args.no_graphs else (False,):
+                ms = bench_draft(
+                    model, cfg, B, args.verify_tokens - 1, args.draft_layers, graphs=graphs, iters=args.iters
+                )
+                row["draft_ms_graphs" if graphs else "draft_ms_eager"] = round(ms, 4)
+            verify = next(
+                r for r in results if r.get("verify_step_ms") and r["batch"] == B and r["variant"] == variant
+            )
+            step = next(r for r in results if "step_ms" in r and r["batch"] == B and r["variant"] == variant)
+            spec_ms = verify["verify_step_ms"] + row.get("draft_ms_graphs", row["draft_ms_eager"])
+            # tokens each draft + verify step must emit for speculative decoding to beat plain decode steps
+            row["break_even_tokens_per_step"] = round(spec_ms / step["step_ms"], 3)
+            results.append(row)
+            print(
+                f"{variant:8s} B={B:<3d} draft {row['draft_len']} tokens: eager {row['draft_ms_eager']:8.3f} ms"
+                + (f", graphs {row['draft_ms_graphs']:8.3f} ms" if "draft_ms_graphs" in row else "")
+                + f"; break-even {row['break_even_tokens_per_step']:.2f} tokens/step",
+                flush=True,
             )
         if args.eager_b1:
             ms, _ = bench_decode(model, cfg, 1, args.context, graphs=False, iters=max(3, args.iters // 5))
@@ -830,6 +879,14 @@ def register(subparsers) -> None:
         default=0,
         metavar="K1",
         help="also time a speculative verify forward of K1 tokens per row (draft_len + 1) at each batch size",
+    )
+    p.add_argument(
+        "--draft-layers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --verify-tokens: also time a random ReDrafter drafter with N ResBlocks drafting K1 - 1 "
+        "tokens (eager and from a CUDA graph) and report the tokens per step speculation must emit to break even",
     )
     p.add_argument("--gemv", action="store_true", help="GEMV table: cuBLAS / _scaled_mm / Triton at M=1..32")
     p.add_argument(
