@@ -83,6 +83,35 @@ class _Captured:
         self.static = static
         self.outputs = outputs
 
+    def replay(self, inputs: dict):
+        """Copy the call's tensors into the static buffers (None: an input this graph does not take), replay."""
+        for name, value in inputs.items():
+            if value is not None:
+                self.static[name].copy_(value, non_blocking=True)
+        self.graph.replay()
+        return self.outputs
+
+
+BACKENDS = ("cuda", "eager-replay", "none")
+
+
+class _GraphPool:
+    """Records graphs of one owner with its backend, all in one memory pool (the first graph's)."""
+
+    def __init__(self, backend: str):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be cuda, eager-replay or none, got {backend!r}")
+        self.backend = backend
+        self.handle = None
+
+    def capture(self, fn: Callable[[], object], static: dict) -> _Captured:
+        """`fn` reads its inputs from `static` (tensors cloned from a call that has just run eagerly)."""
+        graph = (_CudaGraph if self.backend == "cuda" else _EagerReplayGraph)(self.handle)
+        outputs = graph.capture(fn)
+        if self.handle is None:
+            self.handle = graph.pool_handle()
+        return _Captured(graph, static, outputs)
+
 
 class CUDAGraphRunner:
     """Replays captured graphs for decode/verify shapes; eager for everything else."""
@@ -103,13 +132,11 @@ class CUDAGraphRunner:
         self.max_graphs = max_graphs
         if backend is None:
             backend = "cuda" if model.device.type == "cuda" else "none"
-        if backend not in ("cuda", "eager-replay", "none"):
-            raise ValueError(f"backend must be cuda, eager-replay or none, got {backend!r}")
+        self._pool = _GraphPool(backend)
         if backend == "cuda" and model.device.type != "cuda":
             raise ValueError("CUDA graphs need a model on a CUDA device")
         self.backend = backend
         self.graphs: dict[Key, _Captured] = {}
-        self._pool = None
         self._kv_dependent: dict[int, bool] = {}
         self.replays = 0
         self.eager_calls = 0
@@ -154,15 +181,10 @@ class CUDAGraphRunner:
             elif len(self.graphs) == self.max_graphs:
                 log.warning("CUDA graph limit (%d) reached: new shapes run eagerly", self.max_graphs)
             return out
-        s = g.static
-        s["input_ids"].copy_(input_ids, non_blocking=True)
-        s["positions"].copy_(positions, non_blocking=True)
-        s["slots"].copy_(slots, non_blocking=True)
-        if logits_at is not None:
-            s["logits_at"].copy_(logits_at, non_blocking=True)
-        g.graph.replay()
         self.replays += 1
-        return g.outputs
+        return g.replay(
+            {"input_ids": input_ids, "positions": positions, "slots": slots, "logits_at": logits_at}
+        )
 
     def _capture(self, input_ids, positions, slots, kv_len, return_hidden, logits_at) -> None:
         """Record a graph for this call's key (after an eager run of the same call warmed everything up)."""
@@ -176,7 +198,6 @@ class CUDAGraphRunner:
             "slots": slots.clone(),
             "logits_at": None if logits_at is None else logits_at.clone(),
         }
-        graph = (_CudaGraph if self.backend == "cuda" else _EagerReplayGraph)(self._pool)
 
         def fn():
             return self.model(
@@ -188,10 +209,7 @@ class CUDAGraphRunner:
                 logits_at=static["logits_at"],
             )
 
-        outputs = graph.capture(fn)
-        if self._pool is None:
-            self._pool = graph.pool_handle()
-        self.graphs[key] = _Captured(graph, static, outputs)
+        self.graphs[key] = self._pool.capture(fn, static)
         log.debug("captured %s graph for key %s", self.backend, key)
 
     @torch.inference_mode()
@@ -259,11 +277,9 @@ class GraphedFunction:
     buffers and replay. Outputs are static tensors, valid until the next call with the same shapes."""
 
     def __init__(self, fn: Callable[..., object], *, backend: str = "cuda", max_graphs: int = 16):
-        if backend not in ("cuda", "eager-replay", "none"):
-            raise ValueError(f"backend must be cuda, eager-replay or none, got {backend!r}")
+        self._pool = _GraphPool(backend)
         self.fn, self.backend, self.max_graphs = fn, backend, max_graphs
         self.graphs: dict[tuple, _Captured] = {}
-        self._pool = None
         self.replays = self.eager_calls = 0
 
     def __call__(self, *args: torch.Tensor):
@@ -273,14 +289,8 @@ class GraphedFunction:
             self.eager_calls += 1
             out = self.fn(*args)  # the warm-up run before a capture
             if self.backend != "none" and len(self.graphs) < self.max_graphs:
-                static = [a.clone() for a in args]
-                graph = (_CudaGraph if self.backend == "cuda" else _EagerReplayGraph)(self._pool)
-                outputs = graph.capture(lambda: self.fn(*static))
-                self._pool = self._pool if self._pool is not None else graph.pool_handle()
-                self.graphs[key] = _Captured(graph, dict(enumerate(static)), outputs)
+                static = dict(enumerate(a.clone() for a in args))
+                self.graphs[key] = self._pool.capture(lambda: self.fn(*static.values()), static)
             return out
-        for i, a in enumerate(args):
-            g.static[i].copy_(a, non_blocking=True)
-        g.graph.replay()
         self.replays += 1
-        return g.outputs
+        return g.replay(dict(enumerate(args)))
