@@ -36,6 +36,16 @@ MODEL_FILE_PATTERNS = [
     "chat_template.json",
     "hf_quant_config.json",
 ]
+# what a derived checkpoint (FP8, int8) takes over unchanged from its source, besides config.json
+_NON_WEIGHT_GLOBS = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template*",
+    "generation_config.json",
+)
 TOKENIZER_FILE_SETS = [("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt")]
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
@@ -214,3 +224,11 @@ def load_tokenizer(model_dir: str | Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def copy_non_weight_files(checkpoint_dir: Path, out_dir: Path) -> None:
+    """Tokenizer, chat template and generation config of a checkpoint, into a checkpoint derived from it."""
+    for pattern in _NON_WEIGHT_GLOBS:
+        for f in sorted(checkpoint_dir.glob(pattern)):
+            if f.is_file():
+                shutil.copyfile(f, out_dir / f.name)

@@ -12,7 +12,6 @@ them lose nothing. The output is the ModelOpt/HF layout that vLLM and TensorRT-L
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,19 +20,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mathforge import __version__
+from mathforge.checkpoint import copy_non_weight_files
 from mathforge.engine.fp8 import amax_to_scale, quantize_tensor
 from mathforge.engine.model import Transformer, read_quant_config
 from mathforge.errors import UserError
 
-_COPY_GLOBS = (
-    "tokenizer*",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template*",
-    "generation_config.json",
-)
 # our fused module -> the checkpoint's Linears it holds
 _GROUPS = {
     "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -169,10 +160,7 @@ def calibrate_fp8(
     cfg = json.loads((checkpoint_dir / "config.json").read_text())
     cfg["quantization_config"] = config_quantization_config(hq)
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    for pattern in _COPY_GLOBS:
-        for f in sorted(checkpoint_dir.glob(pattern)):
-            if f.is_file():
-                shutil.copyfile(f, out_dir / f.name)
+    copy_non_weight_files(checkpoint_dir, out_dir)
 
     def stats(v: list[float]) -> dict:
         return {"min": min(v), "max": max(v), "mean": sum(v) / len(v)}

@@ -18,7 +18,6 @@ lm_head, embeddings, norms and biases unquantised (BF16).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -26,20 +25,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from mathforge.checkpoint import copy_non_weight_files
 from mathforge.engine.fp8 import KernelLinear
 from mathforge.errors import UserError
 
 INT8_ALGO = "W8A16"
 _LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_COPY_GLOBS = (
-    "tokenizer*",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template*",
-    "generation_config.json",
-)
 
 
 def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,10 +174,7 @@ def quantize_int8_checkpoint(checkpoint_dir: Path, out_dir: Path) -> dict:
         "producer": hq["producer"],
     }
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    for pattern in _COPY_GLOBS:
-        for f in sorted(checkpoint_dir.glob(pattern)):
-            if f.is_file():
-                shutil.copyfile(f, out_dir / f.name)
+    copy_non_weight_files(checkpoint_dir, out_dir)
     return {
         "quant_algo": INT8_ALGO,
         "layers_quantized": quantised,
