@@ -42,7 +42,18 @@ class KernelLinear(nn.Module):
     """A quantised Linear: BF16 inputs go through mathforge.engine.kernels.linear (on CUDA with few rows,
     the faster of a Triton GEMV and the library matmul for this shape), others through `_eager`."""
 
-    out_features: int
+    def __init__(self, in_features: int, out_features: int, bias: bool, *, weight_dtype, device, dtype):
+        """The quantised weight [out, in] (its scales are the subclass's) and an optional bias in `dtype`."""
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=weight_dtype, device=device), requires_grad=False
+        )
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+            if bias
+            else None
+        )
 
     def _eager(self, x2: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -63,21 +74,12 @@ class FP8Linear(KernelLinear):
     def __init__(
         self, in_features: int, out_features: int, bias: bool = False, *, device=None, dtype=torch.bfloat16
     ):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(
-            torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device), requires_grad=False
-        )
+        super().__init__(in_features, out_features, bias, weight_dtype=FP8_DTYPE, device=device, dtype=dtype)
         self.weight_scale = nn.Parameter(
             torch.ones((), dtype=torch.float32, device=device), requires_grad=False
         )
         self.input_scale = nn.Parameter(
             torch.ones((), dtype=torch.float32, device=device), requires_grad=False
-        )
-        self.bias = (
-            nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
-            if bias
-            else None
         )
 
     @classmethod

@@ -47,18 +47,9 @@ class Int8Linear(KernelLinear):
     def __init__(
         self, in_features: int, out_features: int, bias: bool = False, *, device=None, dtype=torch.bfloat16
     ):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(
-            torch.empty(out_features, in_features, dtype=torch.int8, device=device), requires_grad=False
-        )
+        super().__init__(in_features, out_features, bias, weight_dtype=torch.int8, device=device, dtype=dtype)
         self.weight_scale = nn.Parameter(
             torch.ones(out_features, dtype=torch.float32, device=device), requires_grad=False
-        )
-        self.bias = (
-            nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
-            if bias
-            else None
         )
 
     @classmethod
